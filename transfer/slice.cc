@@ -1,0 +1,187 @@
+#include "transfer/slice.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
+
+namespace kvx::transfer {
+namespace {
+
+absl::Status CheckRange(const char* what, int64_t start, int64_t end) {
+  if (start < 0 || end < 0 || start >= end) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " must satisfy 0 <= start < end: start=", start, " end=", end));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckTokensPerBlock(int64_t tokens_per_block) {
+  if (tokens_per_block <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokens_per_block must be positive: tokens_per_block=",
+                     tokens_per_block));
+  }
+  return absl::OkStatus();
+}
+
+// " request=17 slice=2 group=1", naming only what is known.
+std::string Where(const PairingOptions& options, size_t group) {
+  std::string where;
+  if (options.request_id) absl::StrAppend(&where, " request=", *options.request_id);
+  if (options.slice_id) absl::StrAppend(&where, " slice=", *options.slice_id);
+  absl::StrAppend(&where, " group=", group);
+  return where;
+}
+
+// Step 3: a list may carry one trailing draft-token block past its suffix, which
+// never moves; anything longer breaks the suffix invariant. Shorter lists are kept
+// as they are: their length is what says where they start.
+absl::StatusOr<size_t> SuffixLength(const char* side, size_t len, int64_t total_blocks,
+                                    const PairingOptions& options, size_t group) {
+  const size_t total = static_cast<size_t>(total_blocks);
+  if (len <= total) return len;
+  if (len == total + 1) return total;
+  return absl::InvalidArgumentError(absl::StrCat(
+      side, " block list longer than its suffix:", Where(options, group), " len=", len,
+      " end=", total_blocks * options.tokens_per_block,
+      " tpb=", options.tokens_per_block, " max=", total + 1));
+}
+
+}  // namespace
+
+absl::StatusOr<TokenRange> TokenRange::Create(int64_t start, int64_t end) {
+  if (absl::Status s = CheckRange("token range", start, end); !s.ok()) return s;
+  return TokenRange(start, end);
+}
+
+absl::StatusOr<LayerRange> LayerRange::Create(int64_t start, int64_t end) {
+  if (absl::Status s = CheckRange("layer range", start, end); !s.ok()) return s;
+  return LayerRange(start, end);
+}
+
+absl::StatusOr<WindowBlocks> ComputeWindowBlocks(int64_t prompt_len,
+                                                 std::optional<int64_t> window,
+                                                 int64_t tokens_per_block) {
+  if (absl::Status s = CheckTokensPerBlock(tokens_per_block); !s.ok()) return s;
+  if (prompt_len < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt length must not be negative: prompt_len=", prompt_len));
+  }
+  if (window && *window <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention window must be positive: window=", *window));
+  }
+  WindowBlocks blocks;
+  blocks.total_blocks = CeilDiv(prompt_len, tokens_per_block);
+  // Position prompt_len (the next token) attends to [prompt_len + 1 - W,
+  // prompt_len]; a block whose last token precedes that start is stale.
+  if (window) {
+    blocks.stale_end = std::max<int64_t>(0, (prompt_len + 1 - *window) / tokens_per_block);
+  }
+  blocks.expected_valid = std::max<int64_t>(0, blocks.total_blocks - blocks.stale_end);
+  return blocks;
+}
+
+absl::StatusOr<AlignedBlocks> AlignBlocks(absl::Span<const int64_t> src,
+                                          int64_t src_start_token,
+                                          absl::Span<const int64_t> dst,
+                                          int64_t dst_start_token,
+                                          int64_t tokens_per_block, int64_t floor_token) {
+  if (absl::Status s = CheckTokensPerBlock(tokens_per_block); !s.ok()) return s;
+  if (src_start_token < 0 || dst_start_token < 0 || floor_token < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "start tokens must not be negative: src_start_token=", src_start_token,
+        " dst_start_token=", dst_start_token, " floor_token=", floor_token));
+  }
+  const int64_t overlap = std::max({src_start_token, dst_start_token, floor_token});
+  const int64_t src_skip = (overlap - src_start_token) / tokens_per_block;
+  const int64_t dst_skip = (overlap - dst_start_token) / tokens_per_block;
+  const int64_t n = std::min(static_cast<int64_t>(src.size()) - src_skip,
+                             static_cast<int64_t>(dst.size()) - dst_skip);
+  AlignedBlocks aligned;
+  if (n <= 0) return aligned;
+  aligned.src.assign(src.begin() + src_skip, src.begin() + src_skip + n);
+  aligned.dst.assign(dst.begin() + dst_skip, dst.begin() + dst_skip + n);
+  return aligned;
+}
+
+absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
+                                                          const KVSlice& dst,
+                                                          const PairingOptions& options) {
+  if (absl::Status s = CheckTokensPerBlock(options.tokens_per_block); !s.ok()) return s;
+  const size_t num_groups = src.block_ids_per_layer_group.size();
+  if (dst.block_ids_per_layer_group.size() != num_groups ||
+      options.windows.size() != num_groups) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer group counts differ:", options.request_id
+                                          ? absl::StrCat(" request=", *options.request_id)
+                                          : "",
+        " src_groups=", num_groups, " dst_groups=", dst.block_ids_per_layer_group.size(),
+        " windows=", options.windows.size()));
+  }
+  if (options.prompt_len && *options.prompt_len < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt length must not be negative: prompt_len=", *options.prompt_len));
+  }
+  if (options.dst_start_token && *options.dst_start_token < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "destination start token must not be negative: dst_start_token=",
+        *options.dst_start_token));
+  }
+
+  const int64_t tpb = options.tokens_per_block;
+  const int64_t slice_end = src.token_range ? src.token_range->end() : 0;
+  const int64_t total = CeilDiv(slice_end, tpb);
+
+  std::vector<GroupPairing> pairings(num_groups);
+  for (size_t g = 0; g < num_groups; ++g) {
+    const BlockList& src_list = src.block_ids_per_layer_group[g];
+    const BlockList& dst_list = dst.block_ids_per_layer_group[g];
+    absl::StatusOr<size_t> src_len = SuffixLength("source", src_list.size(), total, options, g);
+    if (!src_len.ok()) return src_len.status();
+    absl::StatusOr<size_t> dst_len =
+        SuffixLength("destination", dst_list.size(), total, options, g);
+    if (!dst_len.ok()) return dst_len.status();
+
+    GroupPairing& pairing = pairings[g];
+    pairing.src_start_token = (total - static_cast<int64_t>(*src_len)) * tpb;
+    pairing.dst_start_token = (total - static_cast<int64_t>(*dst_len)) * tpb;
+    if (options.dst_start_token) {
+      pairing.dst_start_token = std::max(pairing.dst_start_token, *options.dst_start_token);
+    }
+
+    int64_t floor_token = 0;
+    if (const std::optional<int64_t>& window = options.windows[g]; window) {
+      if (!options.prompt_len) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "windowed group needs the request's prompt length:", Where(options, g),
+            " window=", *window));
+      }
+      absl::StatusOr<WindowBlocks> blocks = ComputeWindowBlocks(*options.prompt_len, window, tpb);
+      if (!blocks.ok()) {
+        return absl::Status(blocks.status().code(),
+                            absl::StrCat(blocks.status().message(), ":", Where(options, g)));
+      }
+      floor_token = blocks->stale_end * tpb;
+    }
+
+    absl::StatusOr<AlignedBlocks> aligned =
+        AlignBlocks(absl::MakeConstSpan(src_list.data(), *src_len), pairing.src_start_token,
+                    absl::MakeConstSpan(dst_list.data(), *dst_len), pairing.dst_start_token,
+                    tpb, floor_token);
+    if (!aligned.ok()) return aligned.status();
+    pairing.src = std::move(aligned->src);
+    pairing.dst = std::move(aligned->dst);
+  }
+  return pairings;
+}
+
+}  // namespace kvx::transfer
