@@ -8,7 +8,7 @@
 //
 // Example (generation side, a V1-style manager with prefix reuse on):
 //
-//   V1Adapter adapter(&my_block_table_manager, ReuseOptions{.enabled = true});
+//   V1Adapter adapter(&my_block_table_manager, ReuseOptions{true});
 //   SliceRequest request;
 //   request.request_id = 17;
 //   request.prompt_len = 256;

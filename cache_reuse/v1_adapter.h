@@ -6,7 +6,7 @@
 //
 //   class MyManager : public kvx::cache_reuse::BlockTableCacheManager { ... };
 //   MyManager manager;
-//   kvx::cache_reuse::V1Adapter adapter(&manager, {.enabled = true});
+//   kvx::cache_reuse::V1Adapter adapter(&manager, ReuseOptions{true});
 //
 // Thread safety: as thread-safe as the manager; the adapter holds no mutable state.
 

@@ -7,7 +7,7 @@
 //
 //   class MyPagedManager : public kvx::cache_reuse::PagedCacheManager { ... };
 //   MyPagedManager manager;
-//   kvx::cache_reuse::V2Adapter adapter(&manager, {.enabled = true});
+//   kvx::cache_reuse::V2Adapter adapter(&manager, ReuseOptions{true});
 //
 // Thread safety: as thread-safe as the manager; the adapter holds no mutable state.
 
