@@ -7,6 +7,7 @@
 //   EXPECT_THAT(TokenRange::Create(4, 2),
 //               kvx::testing::StatusIs(absl::StatusCode::kInvalidArgument,
 //                                      HasSubstr("start=4")));
+//   EXPECT_THAT(ParseCount("9"), kvx::testing::IsOkAndHolds(9));
 //   ASSERT_OK_AND_ASSIGN(auto range, TokenRange::Create(0, 8));
 //
 // Thread safety: stateless.
@@ -52,6 +53,15 @@ MATCHER_P2(StatusIs, code, message_matcher,
 }
 
 inline auto StatusIs(absl::StatusCode code) { return StatusIs(code, ::testing::_); }
+
+// Matches a StatusOr that holds a value matched by `value_matcher`.
+MATCHER_P(IsOkAndHolds, value_matcher, "is OK and holds a matching value") {
+  if (!arg.ok()) {
+    *result_listener << "status is " << arg.status();
+    return false;
+  }
+  return ::testing::ExplainMatchResult(value_matcher, *arg, result_listener);
+}
 
 }  // namespace kvx::testing
 

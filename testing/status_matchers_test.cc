@@ -26,6 +26,12 @@ TEST(StatusMatchers, StatusIsChecksCodeAndMessage) {
   EXPECT_THAT(error, Not(StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block=8"))));
 }
 
+TEST(StatusMatchers, IsOkAndHoldsMatchesTheValue) {
+  EXPECT_THAT(absl::StatusOr<int>(3), IsOkAndHolds(3));
+  EXPECT_THAT(absl::StatusOr<int>(3), Not(IsOkAndHolds(4)));
+  EXPECT_THAT(absl::StatusOr<int>(absl::NotFoundError("y")), Not(IsOkAndHolds(3)));
+}
+
 TEST(StatusMatchers, AssertOkAndAssignMovesValue) {
   ASSERT_OK_AND_ASSIGN(int value, absl::StatusOr<int>(7));
   EXPECT_EQ(value, 7);
