@@ -35,17 +35,22 @@ OracleResult ExpectedMoves(const OracleScenario& s) {
           });
       const bool lacking =
           AnyPosition(b, tpb, [&](int64_t t) { return t >= s.receiver_cached_tokens; });
-      if (!in_window || !lacking) continue;
+      if (!in_window) continue;
       const auto held = [b](const transfer::BlockList& table) {
         return b < static_cast<int64_t>(table.size()) && table[b] >= 0;
       };
-      if (!held(group.context_table) || !held(group.generation_table)) {
+      // The sender builds its slice without knowing the receiver's cache, so it
+      // needs every block of the window; the receiver only the ones it lacks.
+      const bool context_held = held(group.context_table);
+      const bool generation_held = held(group.generation_table);
+      if (!context_held || (lacking && !generation_held)) {
         result.feasible = false;
-        result.why_infeasible = absl::StrCat(
-            "group=", g, " block=", b, " context_held=", held(group.context_table),
-            " generation_held=", held(group.generation_table));
+        result.why_infeasible =
+            absl::StrCat("group=", g, " block=", b, " context_held=", context_held,
+                         " generation_held=", generation_held, " lacking=", lacking);
         return result;
       }
+      if (!lacking) continue;
       result.pairs[g].emplace_back(group.context_table[b], group.generation_table[b]);
     }
   }

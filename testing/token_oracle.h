@@ -51,8 +51,9 @@ struct OracleScenario {
 };
 
 struct OracleResult {
-  // False when a block that must move is not held by the sender or has no
-  // destination on the receiver: the transfer must be refused.
+  // False when the sender lacks a block of the window below the slice end (it
+  // builds its slice without knowing the receiver's cache), or the receiver lacks
+  // a destination for a block that must move: the transfer must be refused.
   bool feasible = true;
   std::string why_infeasible;
   // Per group, (source id, destination id) in token order.
