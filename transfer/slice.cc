@@ -15,14 +15,6 @@
 namespace kvx::transfer {
 namespace {
 
-absl::Status CheckRange(const char* what, int64_t start, int64_t end) {
-  if (start < 0 || end < 0 || start >= end) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " must satisfy 0 <= start < end: start=", start, " end=", end));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CheckTokensPerBlock(int64_t tokens_per_block) {
   if (tokens_per_block <= 0) {
     return absl::InvalidArgumentError(
@@ -57,15 +49,17 @@ absl::StatusOr<size_t> SuffixLength(const char* side, size_t len, int64_t total_
 
 }  // namespace
 
-absl::StatusOr<TokenRange> TokenRange::Create(int64_t start, int64_t end) {
-  if (absl::Status s = CheckRange("token range", start, end); !s.ok()) return s;
-  return TokenRange(start, end);
+namespace slice_internal {
+
+absl::Status CheckRange(const char* what, int64_t start, int64_t end) {
+  if (start < 0 || end < 0 || start >= end) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " must satisfy 0 <= start < end: start=", start, " end=", end));
+  }
+  return absl::OkStatus();
 }
 
-absl::StatusOr<LayerRange> LayerRange::Create(int64_t start, int64_t end) {
-  if (absl::Status s = CheckRange("layer range", start, end); !s.ok()) return s;
-  return LayerRange(start, end);
-}
+}  // namespace slice_internal
 
 absl::StatusOr<WindowBlocks> ComputeWindowBlocks(int64_t prompt_len,
                                                  std::optional<int64_t> window,

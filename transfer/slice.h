@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "absl/base/attributes.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
@@ -38,50 +39,53 @@ namespace kvx::transfer {
 // A sequence of physical block (slot) ids of one layer group.
 using BlockList = std::vector<int64_t>;
 
-// The half-open interval [start, end) of token positions. Never empty: an empty
-// transfer is expressed by empty block lists (SEMANTICS.md section 1).
-class TokenRange {
+namespace slice_internal {
+// Shared by both range kinds so that their rules and messages cannot drift.
+absl::Status CheckRange(const char* what, int64_t start, int64_t end);
+}  // namespace slice_internal
+
+// The half-open interval [start, end) of positions of one kind: `Unit` names it
+// (TokenUnit, LayerUnit). Never empty: an empty transfer is expressed by empty
+// block lists (SEMANTICS.md section 1).
+template <typename Unit>
+class HalfOpenRange {
  public:
   // Returns InvalidArgument when start < 0, end < 0 or start >= end.
-  ABSL_MUST_USE_RESULT static absl::StatusOr<TokenRange> Create(int64_t start,
-                                                                int64_t end);
+  ABSL_MUST_USE_RESULT static absl::StatusOr<HalfOpenRange> Create(int64_t start,
+                                                                   int64_t end) {
+    absl::Status valid = slice_internal::CheckRange(Unit::kName, start, end);
+    if (!valid.ok()) return valid;
+    return HalfOpenRange(start, end);
+  }
 
   int64_t start() const { return start_; }
   int64_t end() const { return end_; }
   int64_t size() const { return end_ - start_; }
 
-  friend bool operator==(const TokenRange& a, const TokenRange& b) {
+  friend bool operator==(const HalfOpenRange& a, const HalfOpenRange& b) {
     return a.start_ == b.start_ && a.end_ == b.end_;
   }
-  friend bool operator!=(const TokenRange& a, const TokenRange& b) { return !(a == b); }
+  friend bool operator!=(const HalfOpenRange& a, const HalfOpenRange& b) {
+    return !(a == b);
+  }
 
  private:
-  TokenRange(int64_t start, int64_t end) : start_(start), end_(end) {}
+  HalfOpenRange(int64_t start, int64_t end) : start_(start), end_(end) {}
   int64_t start_;
   int64_t end_;
 };
 
-// The half-open interval [start, end) of layer indices; same rules as TokenRange.
-class LayerRange {
- public:
-  // Returns InvalidArgument when start < 0, end < 0 or start >= end.
-  ABSL_MUST_USE_RESULT static absl::StatusOr<LayerRange> Create(int64_t start,
-                                                                int64_t end);
-
-  int64_t start() const { return start_; }
-  int64_t end() const { return end_; }
-  int64_t size() const { return end_ - start_; }
-
-  friend bool operator==(const LayerRange& a, const LayerRange& b) {
-    return a.start_ == b.start_ && a.end_ == b.end_;
-  }
-  friend bool operator!=(const LayerRange& a, const LayerRange& b) { return !(a == b); }
-
- private:
-  LayerRange(int64_t start, int64_t end) : start_(start), end_(end) {}
-  int64_t start_;
-  int64_t end_;
+struct TokenUnit {
+  static constexpr char kName[] = "token range";
 };
+struct LayerUnit {
+  static constexpr char kName[] = "layer range";
+};
+
+// Token positions [start, end).
+using TokenRange = HalfOpenRange<TokenUnit>;
+// Layer indices [start, end).
+using LayerRange = HalfOpenRange<LayerUnit>;
 
 // What one side sends (context) or asks for (generation) for one request and one
 // slice. Suffix invariant: every block list is the tail of the block sequence that
