@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -47,16 +47,16 @@ std::string Describe(const json& value) {
   return absl::StrCat(value.type_name(), " ", text);
 }
 
-absl::StatusOr<int64_t> AsInt(const json& value, absl::string_view field, int64_t min,
-                              int64_t max, absl::string_view expected) {
+absl::StatusOr<int64_t> AsInt(const json& value, absl::string_view field, int64_t min, int64_t max,
+                              absl::string_view expected) {
   int64_t number = 0;
   if (value.is_number_unsigned()) {
     // nlohmann stores every non-negative integer as unsigned; past int64 is ours to
     // reject.
     const uint64_t u = value.get<uint64_t>();
     if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-      return FieldError(field, absl::StrCat("must be ", expected, ", got ", u,
-                                            " which does not fit in int64"));
+      return FieldError(
+          field, absl::StrCat("must be ", expected, ", got ", u, " which does not fit in int64"));
     }
     number = static_cast<int64_t>(u);
   } else if (value.is_number_integer()) {
@@ -72,8 +72,7 @@ absl::StatusOr<int64_t> AsInt(const json& value, absl::string_view field, int64_
 
 // Token counts and positions: 0 <= n <= kMaxTokens (or >= 1 with min 1).
 absl::StatusOr<int64_t> AsTokens(const json& value, absl::string_view field, int64_t min) {
-  return AsInt(value, field, min, kMaxTokens,
-               min > 0 ? "an integer > 0" : "an integer >= 0");
+  return AsInt(value, field, min, kMaxTokens, min > 0 ? "an integer > 0" : "an integer >= 0");
 }
 
 // A block list. `allow_not_held`: -1 marks a block the manager does not hold
@@ -81,16 +80,14 @@ absl::StatusOr<int64_t> AsTokens(const json& value, absl::string_view field, int
 absl::StatusOr<BlockList> AsBlockList(const json& value, absl::string_view field,
                                       bool allow_not_held) {
   if (!value.is_array()) {
-    return FieldError(field, absl::StrCat("must be an array of block ids, got ",
-                                          Describe(value)));
+    return FieldError(field, absl::StrCat("must be an array of block ids, got ", Describe(value)));
   }
   BlockList ids;
   ids.reserve(value.size());
   for (size_t i = 0; i < value.size(); ++i) {
     absl::StatusOr<int64_t> id =
         AsInt(value[i], absl::StrCat(field, "[", i, "]"),
-              allow_not_held ? cache_reuse::kEvictedBlock : 0,
-              std::numeric_limits<int64_t>::max(),
+              allow_not_held ? cache_reuse::kEvictedBlock : 0, std::numeric_limits<int64_t>::max(),
               allow_not_held ? "a block id >= 0 or -1 (not held)" : "a block id >= 0");
     if (!id.ok()) return id.status();
     ids.push_back(*id);
@@ -99,11 +96,10 @@ absl::StatusOr<BlockList> AsBlockList(const json& value, absl::string_view field
 }
 
 // An array of block lists, one per layer group.
-absl::StatusOr<std::vector<BlockList>> AsGroupLists(const json& value,
-                                                    absl::string_view field) {
+absl::StatusOr<std::vector<BlockList>> AsGroupLists(const json& value, absl::string_view field) {
   if (!value.is_array()) {
-    return FieldError(field, absl::StrCat("must be an array of block lists, got ",
-                                          Describe(value)));
+    return FieldError(field,
+                      absl::StrCat("must be an array of block lists, got ", Describe(value)));
   }
   std::vector<BlockList> lists;
   for (size_t g = 0; g < value.size(); ++g) {
@@ -116,11 +112,9 @@ absl::StatusOr<std::vector<BlockList>> AsGroupLists(const json& value,
 }
 
 // An attention window: null (full attention) or > 0 tokens.
-absl::StatusOr<std::optional<int64_t>> AsWindow(const json& value,
-                                                absl::string_view field) {
+absl::StatusOr<std::optional<int64_t>> AsWindow(const json& value, absl::string_view field) {
   if (value.is_null()) return std::nullopt;
-  absl::StatusOr<int64_t> window =
-      AsInt(value, field, 1, kMaxTokens, "null or an integer > 0");
+  absl::StatusOr<int64_t> window = AsInt(value, field, 1, kMaxTokens, "null or an integer > 0");
   if (!window.ok()) return window.status();
   return *window;
 }
@@ -137,9 +131,8 @@ class Fields {
     }
     for (const auto& item : value.items()) {
       if (std::find(allowed.begin(), allowed.end(), item.key()) == allowed.end()) {
-        return FieldError(Join(path, item.key()),
-                          absl::StrCat("unknown field (expected one of ",
-                                       absl::StrJoin(allowed, ", "), ")"));
+        return FieldError(Join(path, item.key()), absl::StrCat("unknown field (expected one of ",
+                                                               absl::StrJoin(allowed, ", "), ")"));
       }
     }
     return Fields(value, std::move(path));
@@ -166,8 +159,7 @@ class Fields {
     return AsTokens(**value, Name(key), min);
   }
 
-  absl::StatusOr<std::optional<int64_t>> OptionalTokens(absl::string_view key,
-                                                        int64_t min) const {
+  absl::StatusOr<std::optional<int64_t>> OptionalTokens(absl::string_view key, int64_t min) const {
     const json* value = Find(key);
     if (value == nullptr || value->is_null()) return std::nullopt;
     absl::StatusOr<int64_t> tokens = AsTokens(*value, Name(key), min);
@@ -179,8 +171,7 @@ class Fields {
     const json* value = Find(key);
     if (value == nullptr || value->is_null()) return default_value;
     if (!value->is_boolean()) {
-      return FieldError(Name(key), absl::StrCat("must be true or false, got ",
-                                                Describe(*value)));
+      return FieldError(Name(key), absl::StrCat("must be true or false, got ", Describe(*value)));
     }
     return value->get<bool>();
   }
@@ -189,16 +180,13 @@ class Fields {
                                      const std::vector<absl::string_view>& choices) const {
     absl::StatusOr<const json*> value = Required(key);
     if (!value.ok()) return value.status();
-    const std::string expected =
-        absl::StrCat("one of \"", absl::StrJoin(choices, "\", \""), "\"");
+    const std::string expected = absl::StrCat("one of \"", absl::StrJoin(choices, "\", \""), "\"");
     if (!(*value)->is_string()) {
-      return FieldError(Name(key), absl::StrCat("must be ", expected, ", got ",
-                                                Describe(**value)));
+      return FieldError(Name(key), absl::StrCat("must be ", expected, ", got ", Describe(**value)));
     }
     std::string text = (*value)->get<std::string>();
     if (std::find(choices.begin(), choices.end(), text) == choices.end()) {
-      return FieldError(Name(key), absl::StrCat("must be ", expected, ", got ",
-                                                Describe(**value)));
+      return FieldError(Name(key), absl::StrCat("must be ", expected, ", got ", Describe(**value)));
     }
     return text;
   }
@@ -216,8 +204,8 @@ class Fields {
 
 // `token_range`: absent or null, or [start, end] with 0 <= start < end and, when
 // `prompt_len` is given, end <= prompt_len.
-absl::StatusOr<std::optional<TokenRange>> OptionalTokenRange(
-    const Fields& fields, std::optional<int64_t> prompt_len) {
+absl::StatusOr<std::optional<TokenRange>> OptionalTokenRange(const Fields& fields,
+                                                             std::optional<int64_t> prompt_len) {
   const json* value = fields.Find("token_range");
   if (value == nullptr || value->is_null()) return std::nullopt;
   const std::string name = fields.Name("token_range");
@@ -229,12 +217,12 @@ absl::StatusOr<std::optional<TokenRange>> OptionalTokenRange(
   absl::StatusOr<int64_t> end = AsTokens((*value)[1], absl::StrCat(name, "[1]"), 0);
   if (!end.ok()) return end.status();
   if (*start >= *end) {
-    return FieldError(name, absl::StrCat("must satisfy start < end, got start=", *start,
-                                         " end=", *end));
+    return FieldError(name,
+                      absl::StrCat("must satisfy start < end, got start=", *start, " end=", *end));
   }
   if (prompt_len && *end > *prompt_len) {
-    return FieldError(name, absl::StrCat("must end at or before the prompt's end, got end=",
-                                         *end, " prompt_len=", *prompt_len));
+    return FieldError(name, absl::StrCat("must end at or before the prompt's end, got end=", *end,
+                                         " prompt_len=", *prompt_len));
   }
   return TokenRange::Create(*start, *end).value();
 }
@@ -255,8 +243,7 @@ ordered_json RangeJson(const std::optional<TokenRange>& range) {
 
 absl::StatusOr<ordered_json> Align(const json& input) {
   absl::StatusOr<Fields> fields = Fields::Open(
-      input, "",
-      {"tokens_per_block", "src", "dst", "src_start_token", "dst_start_token"});
+      input, "", {"tokens_per_block", "src", "dst", "src_start_token", "dst_start_token"});
   if (!fields.ok()) return fields.status();
   absl::StatusOr<int64_t> tpb = fields->Tokens("tokens_per_block", 1);
   if (!tpb.ok()) return tpb.status();
@@ -295,18 +282,16 @@ ordered_json PairingJson(const transfer::GroupPairing& pairing) {
 }
 
 absl::StatusOr<ordered_json> Pair(const json& input) {
-  absl::StatusOr<Fields> fields =
-      Fields::Open(input, "",
-                   {"tokens_per_block", "prompt_len", "token_range", "windows", "src",
-                    "dst", "dst_start_token"});
+  absl::StatusOr<Fields> fields = Fields::Open(input, "",
+                                               {"tokens_per_block", "prompt_len", "token_range",
+                                                "windows", "src", "dst", "dst_start_token"});
   if (!fields.ok()) return fields.status();
   absl::StatusOr<int64_t> tpb = fields->Tokens("tokens_per_block", 1);
   if (!tpb.ok()) return tpb.status();
   absl::StatusOr<int64_t> prompt_len = fields->Tokens("prompt_len", 0);
   if (!prompt_len.ok()) return prompt_len.status();
   // A pair slice may be any range; only slice and transfer tie it to the prompt.
-  absl::StatusOr<std::optional<TokenRange>> range =
-      OptionalTokenRange(*fields, std::nullopt);
+  absl::StatusOr<std::optional<TokenRange>> range = OptionalTokenRange(*fields, std::nullopt);
   if (!range.ok()) return range.status();
 
   absl::StatusOr<const json*> windows_json = fields->Required("windows");
@@ -331,9 +316,8 @@ absl::StatusOr<ordered_json> Pair(const json& input) {
     absl::StatusOr<std::vector<BlockList>> lists = AsGroupLists(**lists_json, side);
     if (!lists.ok()) return lists.status();
     if (lists->size() != windows.size()) {
-      return FieldError(side, absl::StrCat("must list one block list per layer group: ",
-                                           side, "_groups=", lists->size(),
-                                           " windows=", windows.size()));
+      return FieldError(side, absl::StrCat("must list one block list per layer group: ", side,
+                                           "_groups=", lists->size(), " windows=", windows.size()));
     }
     slice->token_range = DefaultRange(*range, *prompt_len);
     slice->block_ids_per_layer_group = *std::move(lists);
@@ -365,8 +349,8 @@ struct ReuseInput {
   enum class Adapter { kV1, kV2 };
   bool enabled = false;
   Adapter adapter = Adapter::kV1;
-  int64_t prepopulated_prompt_len = 0;              // V1
-  std::optional<int64_t> num_committed_tokens;      // V2; nullopt: unknown request
+  int64_t prepopulated_prompt_len = 0;          // V1
+  std::optional<int64_t> num_committed_tokens;  // V2; nullopt: unknown request
 };
 
 // A V1-style manager over the input's positional tables.
@@ -409,9 +393,8 @@ class JsonPagedManager final : public cache_reuse::PagedCacheManager {
       return absl::OutOfRangeError(absl::StrCat("no such layer group: group=", layer_group));
     }
     const BlockList& table = (*tables_)[layer_group];
-    const auto first_held =
-        std::find_if(table.begin(), table.end(),
-                     [](int64_t id) { return id != cache_reuse::kEvictedBlock; });
+    const auto first_held = std::find_if(
+        table.begin(), table.end(), [](int64_t id) { return id != cache_reuse::kEvictedBlock; });
     cache_reuse::ValidPages valid;
     valid.num_dropped_leading = first_held - table.begin();
     valid.pages.assign(first_held, table.end());
@@ -431,9 +414,8 @@ absl::StatusOr<ReuseInput> ParseReuse(const Fields& side) {
   if (value == nullptr || value->is_null()) return reuse;  // reuse disabled
   const std::string path = side.Name("reuse");
   // Look at the adapter first: it decides which count field is allowed.
-  absl::StatusOr<Fields> probe =
-      Fields::Open(*value, path,
-                   {"enabled", "adapter", "prepopulated_prompt_len", "num_committed_tokens"});
+  absl::StatusOr<Fields> probe = Fields::Open(
+      *value, path, {"enabled", "adapter", "prepopulated_prompt_len", "num_committed_tokens"});
   if (!probe.ok()) return probe.status();
   absl::StatusOr<std::string> adapter = probe->String("adapter", {"v1", "v2"});
   if (!adapter.ok()) return adapter.status();
@@ -462,8 +444,8 @@ absl::StatusOr<ReuseInput> ParseReuse(const Fields& side) {
     if (!n.ok()) return n.status();
     reuse.prepopulated_prompt_len = *n;
   } else if (!count->is_null()) {
-    absl::StatusOr<int64_t> n = AsInt(*count, fields->Name(count_key), 0, kMaxTokens,
-                                      "null or an integer >= 0");
+    absl::StatusOr<int64_t> n =
+        AsInt(*count, fields->Name(count_key), 0, kMaxTokens, "null or an integer >= 0");
     if (!n.ok()) return n.status();
     reuse.num_committed_tokens = *n;
   }
@@ -484,7 +466,7 @@ struct SliceInput {
   bool generation_only = true;
   ReuseInput reuse;
   std::vector<LayerGroupSpec> groups;
-  std::vector<BlockList> tables;  // positional, one per group (empty for Mamba)
+  std::vector<BlockList> tables;           // positional, one per group (empty for Mamba)
   std::optional<int64_t> dst_start_token;  // transfer's generation side only
 };
 
@@ -494,8 +476,8 @@ absl::StatusOr<std::vector<LayerGroupSpec>> ParseGroups(const Fields& side,
   if (!value.ok()) return value.status();
   const std::string name = side.Name("groups");
   if (!(*value)->is_array()) {
-    return FieldError(name, absl::StrCat("must be an array of layer groups, got ",
-                                         Describe(**value)));
+    return FieldError(name,
+                      absl::StrCat("must be an array of layer groups, got ", Describe(**value)));
   }
   std::vector<LayerGroupSpec> groups;
   for (size_t g = 0; g < (*value)->size(); ++g) {
@@ -541,10 +523,8 @@ absl::StatusOr<std::vector<LayerGroupSpec>> ParseGroups(const Fields& side,
 // fixed to `fixed_side`.
 absl::StatusOr<SliceInput> ParseSliceInput(const json& value, const std::string& path,
                                            const Shared* outer, Side fixed_side) {
-  std::vector<absl::string_view> allowed = {"tokens_per_block", "prompt_len",
-                                            "token_range",      "side",
-                                            "generation_only",  "reuse",
-                                            "groups"};
+  std::vector<absl::string_view> allowed = {"tokens_per_block", "prompt_len", "token_range", "side",
+                                            "generation_only",  "reuse",      "groups"};
   const bool generation_of_transfer = outer != nullptr && fixed_side == Side::kGeneration;
   if (generation_of_transfer) allowed.push_back("dst_start_token");
   absl::StatusOr<Fields> fields = Fields::Open(value, path, allowed);
@@ -564,23 +544,20 @@ absl::StatusOr<SliceInput> ParseSliceInput(const json& value, const std::string&
     input.side = *side == "context" ? Side::kContext : Side::kGeneration;
   } else {
     input.shared = *outer;
-    for (auto [key, min, expected] :
-         {std::tuple{"tokens_per_block", 1, outer->tokens_per_block},
-          std::tuple{"prompt_len", 0, outer->prompt_len}}) {
+    for (auto [key, min, expected] : {std::tuple{"tokens_per_block", 1, outer->tokens_per_block},
+                                      std::tuple{"prompt_len", 0, outer->prompt_len}}) {
       absl::StatusOr<std::optional<int64_t>> own = fields->OptionalTokens(key, min);
       if (!own.ok()) return own.status();
       if (*own && **own != expected) {
-        return FieldError(fields->Name(key),
-                          absl::StrCat("must agree with the top-level ", key, ", got ",
-                                       **own, " vs ", expected));
+        return FieldError(fields->Name(key), absl::StrCat("must agree with the top-level ", key,
+                                                          ", got ", **own, " vs ", expected));
       }
     }
     absl::StatusOr<std::optional<TokenRange>> range =
         OptionalTokenRange(*fields, outer->prompt_len);
     if (!range.ok()) return range.status();
     if (*range && *range != outer->token_range) {
-      return FieldError(fields->Name("token_range"),
-                        "must agree with the top-level token_range");
+      return FieldError(fields->Name("token_range"), "must agree with the top-level token_range");
     }
     input.side = fixed_side;
     if (fields->Find("side") != nullptr) {
@@ -678,16 +655,15 @@ absl::StatusOr<GroupCounts> CountGroup(const SliceInput& input, const LayerGroup
   GroupCounts counts;
   if (spec.kind == LayerGroupSpec::Kind::kMamba) return counts;
   const int64_t tpb = input.shared.tokens_per_block;
-  const int64_t end = input.shared.token_range ? input.shared.token_range->end()
-                                               : input.shared.prompt_len;
+  const int64_t end =
+      input.shared.token_range ? input.shared.token_range->end() : input.shared.prompt_len;
   counts.total_blocks = transfer::CeilDiv(end, tpb);
   absl::StatusOr<transfer::WindowBlocks> window =
       transfer::ComputeWindowBlocks(input.shared.prompt_len, spec.window, tpb);
   if (!window.ok()) return window.status();
   counts.skipped_window = std::min(window->stale_end, counts.total_blocks);
   // Built lists are suffixes of [0, total_blocks): the length says where they start.
-  const int64_t held_until =
-      counts.total_blocks - static_cast<int64_t>(generation_list.size());
+  const int64_t held_until = counts.total_blocks - static_cast<int64_t>(generation_list.size());
   counts.skipped_cached = std::max<int64_t>(0, held_until - counts.skipped_window);
   const int64_t hint_block = std::min(counts.total_blocks, pairing.dst_start_token / tpb);
   counts.skipped_hint =
@@ -706,10 +682,9 @@ absl::StatusOr<GroupCounts> CountGroup(const SliceInput& input, const LayerGroup
 }
 
 absl::StatusOr<ordered_json> Transfer(const json& input) {
-  absl::StatusOr<Fields> fields =
-      Fields::Open(input, "",
-                   {"tokens_per_block", "prompt_len", "token_range", "dst_start_token",
-                    "context", "generation"});
+  absl::StatusOr<Fields> fields = Fields::Open(input, "",
+                                               {"tokens_per_block", "prompt_len", "token_range",
+                                                "dst_start_token", "context", "generation"});
   if (!fields.ok()) return fields.status();
   absl::StatusOr<int64_t> tpb = fields->Tokens("tokens_per_block", 1);
   if (!tpb.ok()) return tpb.status();
@@ -741,10 +716,11 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
 
   // Both sides must describe the same model: same groups, same windows.
   if (context->groups.size() != generation->groups.size()) {
-    return FieldError("generation.groups",
-                      absl::StrCat("must list the same layer groups as context.groups: "
-                                   "context_groups=", context->groups.size(),
-                                   " generation_groups=", generation->groups.size()));
+    return FieldError(
+        "generation.groups",
+        absl::StrCat("must list the same layer groups as context.groups: "
+                     "context_groups=",
+                     context->groups.size(), " generation_groups=", generation->groups.size()));
   }
   std::vector<std::optional<int64_t>> windows;
   for (size_t g = 0; g < context->groups.size(); ++g) {
@@ -756,18 +732,18 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
         return spec.window ? absl::StrCat("window ", *spec.window) : std::string("full");
       };
       return FieldError(absl::StrCat("generation.groups[", g, "]"),
-                        absl::StrCat("must match context.groups[", g, "]: context=",
-                                     describe(c), " generation=", describe(d)));
+                        absl::StrCat("must match context.groups[", g, "]: context=", describe(c),
+                                     " generation=", describe(d)));
     }
     windows.push_back(c.kind == LayerGroupSpec::Kind::kMamba ? std::nullopt : c.window);
   }
 
   absl::StatusOr<cache_reuse::BuiltSlice> src = BuildSliceFromInput(*context);
-  if (!src.ok()) return absl::Status(src.status().code(),
-                                     absl::StrCat("context: ", src.status().message()));
+  if (!src.ok())
+    return absl::Status(src.status().code(), absl::StrCat("context: ", src.status().message()));
   absl::StatusOr<cache_reuse::BuiltSlice> dst = BuildSliceFromInput(*generation);
-  if (!dst.ok()) return absl::Status(dst.status().code(),
-                                     absl::StrCat("generation: ", dst.status().message()));
+  if (!dst.ok())
+    return absl::Status(dst.status().code(), absl::StrCat("generation: ", dst.status().message()));
 
   transfer::PairingOptions options;
   options.tokens_per_block = *tpb;
@@ -784,8 +760,7 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
   for (size_t g = 0; g < pairings->size(); ++g) {
     const LayerGroupSpec& spec = context->groups[g];
     absl::StatusOr<GroupCounts> counts =
-        CountGroup(*context, spec, g, dst->slice.block_ids_per_layer_group[g],
-                   (*pairings)[g]);
+        CountGroup(*context, spec, g, dst->slice.block_ids_per_layer_group[g], (*pairings)[g]);
     if (!counts.ok()) return counts.status();
     totals.Add(*counts);
     ordered_json group = PairingJson((*pairings)[g]);
@@ -801,31 +776,28 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
   out["groups"] = std::move(groups);
   out["totals"] = totals.ToJson();
   out["token_range"] = RangeJson(src->slice.token_range);
-  out["cached_tokens"] = {{"context", src->cached_tokens},
-                          {"generation", dst->cached_tokens}};
+  out["cached_tokens"] = {{"context", src->cached_tokens}, {"generation", dst->cached_tokens}};
   return out;
 }
 
 // No newline may split the one-line reason on stderr.
 std::string OneLine(absl::string_view text) {
   std::string line(text);
-  std::replace_if(line.begin(), line.end(), [](char c) { return c == '\n' || c == '\r'; },
-                  ' ');
+  std::replace_if(
+      line.begin(), line.end(), [](char c) { return c == '\n' || c == '\r'; }, ' ');
   return line;
 }
 
 }  // namespace
 
 bool IsCommand(absl::string_view command) {
-  return command == "align" || command == "pair" || command == "slice" ||
-         command == "transfer";
+  return command == "align" || command == "pair" || command == "slice" || command == "transfer";
 }
 
-absl::StatusOr<std::string> RunCommand(absl::string_view command,
-                                       absl::string_view input_json) {
+absl::StatusOr<std::string> RunCommand(absl::string_view command, absl::string_view input_json) {
   if (!IsCommand(command)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown command: ", OneLine(command), " (expected align, pair, slice or transfer)"));
+    return absl::InvalidArgumentError(absl::StrCat("unknown command: ", OneLine(command),
+                                                   " (expected align, pair, slice or transfer)"));
   }
   json input;
   try {

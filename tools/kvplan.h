@@ -42,7 +42,7 @@ bool IsCommand(absl::string_view command);
 // must be null or an integer > 0, got number 0"); the planning core's own errors
 // (InvalidArgument, FailedPrecondition) with their code and text.
 ABSL_MUST_USE_RESULT absl::StatusOr<std::string> RunCommand(absl::string_view command,
-                                                           absl::string_view input_json);
+                                                            absl::string_view input_json);
 
 }  // namespace kvx::kvplan
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs the real kvplan binary: exit codes, stdout only on success, one line on
+# stderr on failure, --help exits 0, input from stdin, "-" and a file.
+set -uo pipefail
+
+kvplan="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/kvplan"
+example="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/examples/transfer_example.json"
+tmp="${TEST_TMPDIR:-$(mktemp -d)}"
+failures=0
+
+fail() {
+  echo "FAIL: $*" >&2
+  failures=$((failures + 1))
+}
+
+# expect_ok NAME STDOUT_PATTERN ARGS... (stdin from $input)
+expect_ok() {
+  local name="$1" pattern="$2"
+  shift 2
+  printf '%s' "${input}" | "${kvplan}" "$@" >"${tmp}/out" 2>"${tmp}/err"
+  local rc=$?
+  [ "${rc}" -eq 0 ] || fail "${name}: exit ${rc}, stderr: $(cat "${tmp}/err")"
+  [ -s "${tmp}/err" ] && fail "${name}: stderr not empty: $(cat "${tmp}/err")"
+  grep -q -- "${pattern}" "${tmp}/out" || fail "${name}: stdout lacks ${pattern}: $(cat "${tmp}/out")"
+}
+
+# expect_error NAME STDERR_PATTERN ARGS... (stdin from $input)
+expect_error() {
+  local name="$1" pattern="$2"
+  shift 2
+  printf '%s' "${input}" | "${kvplan}" "$@" >"${tmp}/out" 2>"${tmp}/err"
+  local rc=$?
+  [ "${rc}" -eq 1 ] || fail "${name}: exit ${rc}, want 1"
+  [ -s "${tmp}/out" ] && fail "${name}: stdout not empty: $(cat "${tmp}/out")"
+  [ "$(wc -l <"${tmp}/err")" -eq 1 ] || fail "${name}: stderr is not one line: $(cat "${tmp}/err")"
+  grep -q -- "${pattern}" "${tmp}/err" || fail "${name}: stderr lacks ${pattern}: $(cat "${tmp}/err")"
+}
+
+input='{"tokens_per_block": 8, "src": [10, 11, 12, 13], "dst": [22, 23], "src_start_token": 0, "dst_start_token": 16}'
+expect_ok "align from stdin" '^{"src":\[12,13\],"dst":\[22,23\]}$' align
+expect_ok "align from -" '"dst":\[22,23\]' align -
+printf '%s' "${input}" >"${tmp}/align.json"
+expect_ok "align from a file" '"src":\[12,13\]' align "${tmp}/align.json"
+(cd "${tmp}" && BUILD_WORKING_DIRECTORY="${tmp}" "${kvplan}" align align.json >"${tmp}/out" 2>&1) ||
+  fail "relative file under BUILD_WORKING_DIRECTORY: $(cat "${tmp}/out")"
+
+input=''
+expect_ok "transfer example" '"totals":{"total_blocks":64,"moved":28,"skipped_cached":12,"skipped_window":24' \
+  transfer "${example}"
+
+input='{"tokens_per_block": 8, "prompt_len": 32, "windows": [null], "src": [[1, 2, 3, 4]], "dst": [[5, 6, 7, 8, 9, 10]]}'
+expect_error "destination surplus of two" 'kvplan: pair: destination block list longer than its suffix' pair
+input='{"tokens_per_block": 8, "prompt_len": 32, "windows": [null], "src": [[1, 2, 3, 4]], "dst": [[5, 6, 7, 8, 9]]}'
+expect_ok "destination surplus of one" '"dst":\[5,6,7,8\]' pair
+input='{"tokens_per_block": 8,'
+expect_error "malformed JSON" 'kvplan: align: malformed JSON' align
+input='{"tokens_per_block": -8}'
+expect_error "negative tokens_per_block" 'tokens_per_block' align
+input='{"tokens_per_block": 8, "prompt_len": 32, "token_range": [16, 16], "windows": [], "src": [], "dst": []}'
+expect_error "empty token range" 'token_range' pair
+input='{}'
+expect_error "unknown command" 'unknown command: plan' plan
+expect_error "missing command" 'missing command'
+expect_error "unreadable file" 'cannot read' align "${tmp}/does-not-exist.json"
+expect_error "two files" 'too many arguments' align a.json b.json
+
+"${kvplan}" --help >"${tmp}/out" 2>"${tmp}/err" || fail "--help: exit $?"
+grep -q 'transfer_example.json' "${tmp}/out" || fail "--help lacks the example"
+for command in align pair slice transfer; do
+  grep -q "^  ${command} " "${tmp}/out" || fail "--help lacks ${command}"
+done
+
+if [ "${failures}" -ne 0 ]; then
+  echo "${failures} failure(s)" >&2
+  exit 1
+fi
+echo PASS

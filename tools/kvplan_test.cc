@@ -1,0 +1,479 @@
+#include "tools/kvplan.h"
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "testing/status_matchers.h"
+
+namespace kvx::kvplan {
+namespace {
+
+using json = nlohmann::json;
+using ::kvx::testing::IsOk;
+using ::kvx::testing::StatusIs;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// Runs `command` on `input` and parses its output; fails the test on an error.
+json RunJson(const std::string& command, const json& input) {
+  absl::StatusOr<std::string> out = RunCommand(command, input.dump());
+  EXPECT_THAT(out, IsOk()) << input.dump();
+  if (!out.ok()) return nullptr;
+  EXPECT_EQ(out->back(), '\n');
+  EXPECT_EQ(out->find('\n'), out->size() - 1) << "output must be one line";
+  return json::parse(*out);
+}
+
+// ---------------------------------------------------------------------------
+// align
+
+TEST(KvplanAlign, PairsTheBlocksThatCoverTheSameTokens) {
+  const json out = RunJson("align", {{"tokens_per_block", 8},
+                                     {"src", {10, 11, 12, 13}},
+                                     {"dst", {22, 23}},
+                                     {"src_start_token", 0},
+                                     {"dst_start_token", 16}});
+  EXPECT_EQ(out, json::object({{"src", {12, 13}}, {"dst", {22, 23}}}));
+}
+
+TEST(KvplanAlign, NothingMovesWhenTheListsDoNotOverlap) {
+  const json out = RunJson("align", {{"tokens_per_block", 8},
+                                     {"src", {1, 2}},
+                                     {"dst", {3}},
+                                     {"src_start_token", 0},
+                                     {"dst_start_token", 16}});
+  EXPECT_EQ(out, json::object({{"src", json::array()}, {"dst", json::array()}}));
+}
+
+TEST(KvplanAlign, OutputKeepsTheContractKeyOrder) {
+  absl::StatusOr<std::string> out =
+      RunCommand("align", R"({"tokens_per_block": 8, "src": [1], "dst": [2],
+                   "src_start_token": 0, "dst_start_token": 0})");
+  ASSERT_THAT(out, IsOk());
+  EXPECT_EQ(*out, "{\"src\":[1],\"dst\":[2]}\n");
+}
+
+// ---------------------------------------------------------------------------
+// pair: the worked examples of SEMANTICS.md section 5 (tpb 8, prompt 32).
+
+TEST(KvplanPair, WorkedExamplesOfSection5) {
+  struct Row {
+    const char* name;
+    json token_range;  // null: default [0, 32)
+    json window;
+    json src, dst;
+    int64_t src_start, dst_start;
+    json src_moved, dst_moved;
+  };
+  const Row rows[] = {
+      {"no cache", nullptr, nullptr, {1, 2, 3, 4}, {5, 6, 7, 8}, 0, 0, {1, 2, 3, 4}, {5, 6, 7, 8}},
+      {"generation cached 2 blocks", nullptr, nullptr, {1, 2, 3, 4}, {7, 8}, 0, 16, {3, 4}, {7, 8}},
+      {"context shorter by 2", nullptr, nullptr, {3, 4}, {5, 6, 7, 8}, 16, 0, {3, 4}, {7, 8}},
+      {"SWA, no cache", nullptr, 16, {3, 4}, {7, 8}, 16, 16, {3, 4}, {7, 8}},
+      {"SWA, W 24", nullptr, 24, {10, 11}, {20, 21, 22}, 16, 8, {10, 11}, {21, 22}},
+      {"chunk ending at 16", {0, 16}, nullptr, {1, 2}, {5, 6}, 0, 0, {1, 2}, {5, 6}},
+      {"chunk ending at 16, W 16",
+       {0, 16},
+       16,
+       json::array(),
+       json::array(),
+       16,
+       16,
+       json::array(),
+       json::array()},
+  };
+  for (const Row& row : rows) {
+    SCOPED_TRACE(row.name);
+    json input = {{"tokens_per_block", 8},
+                  {"prompt_len", 32},
+                  {"windows", json::array({row.window})},
+                  {"src", json::array({row.src})},
+                  {"dst", json::array({row.dst})}};
+    if (!row.token_range.is_null()) input["token_range"] = row.token_range;
+    const json out = RunJson("pair", input);
+    ASSERT_EQ(out["groups"].size(), 1u);
+    const json& group = out["groups"][0];
+    EXPECT_EQ(group["src_start_token"], row.src_start);
+    EXPECT_EQ(group["dst_start_token"], row.dst_start);
+    EXPECT_EQ(group["src"], row.src_moved);
+    EXPECT_EQ(group["dst"], row.dst_moved);
+  }
+}
+
+TEST(KvplanPair, DropsOneTrailingDraftBlock) {
+  const json out = RunJson("pair", {{"tokens_per_block", 8},
+                                    {"prompt_len", 32},
+                                    {"windows", {nullptr}},
+                                    {"src", {{1, 2, 3, 4}}},
+                                    {"dst", {{5, 6, 7, 8, 9}}}});
+  EXPECT_EQ(out["groups"][0]["dst"], json::array({5, 6, 7, 8}));
+}
+
+TEST(KvplanPair, RejectsADestinationSurplusOfTwoBlocks) {
+  EXPECT_THAT(RunCommand("pair", R"({"tokens_per_block": 8, "prompt_len": 32,
+                                     "windows": [null], "src": [[1, 2, 3, 4]],
+                                     "dst": [[5, 6, 7, 8, 9, 10]]})"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("destination block list longer than its suffix")));
+}
+
+TEST(KvplanPair, RejectsASourceThatBreaksTheSuffixInvariant) {
+  EXPECT_THAT(RunCommand("pair", R"({"tokens_per_block": 8, "prompt_len": 16,
+                                     "windows": [null], "src": [[1, 2, 3, 4, 5]],
+                                     "dst": [[5, 6]]})"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("source block list longer than its suffix")));
+}
+
+TEST(KvplanPair, EmptyPromptWithoutRangeMovesNothing) {
+  const json out = RunJson("pair", {{"tokens_per_block", 8},
+                                    {"prompt_len", 0},
+                                    {"windows", {nullptr}},
+                                    {"src", {json::array()}},
+                                    {"dst", {json::array()}}});
+  EXPECT_EQ(out["groups"][0]["src"], json::array());
+  // The one draft block of an empty slice is dropped too.
+  const json draft = RunJson("pair", {{"tokens_per_block", 8},
+                                      {"prompt_len", 0},
+                                      {"windows", {nullptr}},
+                                      {"src", {{1}}},
+                                      {"dst", {{2}}}});
+  EXPECT_EQ(draft["groups"][0]["src"], json::array());
+}
+
+TEST(KvplanPair, DestinationHintRaisesTheDestinationStart) {
+  const json out = RunJson("pair", {{"tokens_per_block", 8},
+                                    {"prompt_len", 32},
+                                    {"windows", {nullptr}},
+                                    {"src", {{1, 2, 3, 4}}},
+                                    {"dst", {{7, 8}}},
+                                    {"dst_start_token", 24}});
+  EXPECT_EQ(out["groups"][0]["dst_start_token"], 24);
+  EXPECT_EQ(out["groups"][0]["src"], json::array({4}));
+  EXPECT_EQ(out["groups"][0]["dst"], json::array({7}));
+}
+
+// ---------------------------------------------------------------------------
+// slice
+
+json SliceInput(const std::string& side, json reuse, json groups) {
+  json input = {
+      {"tokens_per_block", 8}, {"prompt_len", 32}, {"side", side}, {"groups", std::move(groups)}};
+  if (!reuse.is_null()) input["reuse"] = std::move(reuse);
+  return input;
+}
+
+const json kFullTable = {{"window", nullptr}, {"block_ids", {10, 11, 12, 13, 14}}};
+const json kWindowTable = {{"window", 16}, {"block_ids", {-1, -1, 22, 23}}};
+
+TEST(KvplanSlice, V1PrepopulatedPromptIsFlooredToABlock) {
+  const json out = RunJson(
+      "slice", SliceInput("generation",
+                          {{"enabled", true}, {"adapter", "v1"}, {"prepopulated_prompt_len", 20}},
+                          {kFullTable, kWindowTable}));
+  EXPECT_EQ(out["token_range"], json::array({0, 32}));
+  EXPECT_EQ(out["cached_tokens"], json::array({16, 16}));
+  EXPECT_EQ(out["block_ids"], json::array({{12, 13}, {22, 23}}));
+}
+
+TEST(KvplanSlice, V2CommittedTokensAndUnknownRequest) {
+  struct Row {
+    const char* name;
+    json committed;
+    json cached;
+    json block_ids;
+  };
+  const Row rows[] = {
+      {"committed 25", 25, {24, 24}, {{13}, {23}}},
+      {"unknown request", nullptr, {0, 16}, {{10, 11, 12, 13}, {22, 23}}},
+      {"committed past the prompt", 40, {40, 40}, {json::array(), json::array()}},
+  };
+  for (const Row& row : rows) {
+    SCOPED_TRACE(row.name);
+    const json out = RunJson(
+        "slice",
+        SliceInput("generation",
+                   {{"enabled", true}, {"adapter", "v2"}, {"num_committed_tokens", row.committed}},
+                   {kFullTable, kWindowTable}));
+    EXPECT_EQ(out["cached_tokens"], row.cached);
+    EXPECT_EQ(out["block_ids"], row.block_ids);
+  }
+}
+
+TEST(KvplanSlice, OnlyGenerationOnlyRequestsOnTheGenerationSideReuse) {
+  const json reuse = {{"enabled", true}, {"adapter", "v1"}, {"prepopulated_prompt_len", 16}};
+  const json context = RunJson("slice", SliceInput("context", reuse, json::array({kFullTable})));
+  EXPECT_EQ(context["cached_tokens"], json::array({0}));
+  EXPECT_EQ(context["block_ids"], json::array({{10, 11, 12, 13}}));
+  json not_generation_only = SliceInput("generation", reuse, json::array({kFullTable}));
+  not_generation_only["generation_only"] = false;
+  EXPECT_EQ(RunJson("slice", not_generation_only)["cached_tokens"], json::array({0}));
+  // Disabled, or absent: nothing cached, and the count may be left out.
+  EXPECT_EQ(RunJson("slice", SliceInput("generation", {{"enabled", false}, {"adapter", "v2"}},
+                                        json::array({kFullTable})))["cached_tokens"],
+            json::array({0}));
+  EXPECT_EQ(RunJson("slice",
+                    SliceInput("generation", nullptr, json::array({kFullTable})))["cached_tokens"],
+            json::array({0}));
+}
+
+TEST(KvplanSlice, MambaGroupsGetEmptyListsAndWindowMayBeOmitted) {
+  const json out =
+      RunJson("slice",
+              SliceInput("context", nullptr, {{{"kind", "mamba"}}, {{"block_ids", {1, 2, 3, 4}}}}));
+  EXPECT_EQ(out["block_ids"], json::array({json::array(), {1, 2, 3, 4}}));
+}
+
+TEST(KvplanSlice, ChunkKeepsItsRangeAndEndsAtItsOwnBlock) {
+  json input = SliceInput("context", nullptr, json::array({kFullTable}));
+  input["token_range"] = {8, 16};
+  const json out = RunJson("slice", input);
+  EXPECT_EQ(out["token_range"], json::array({8, 16}));
+  EXPECT_EQ(out["block_ids"], json::array({{10, 11}}));
+}
+
+TEST(KvplanSlice, EmptyPromptHasNoRange) {
+  json input = SliceInput("context", nullptr, {{{"block_ids", json::array()}}});
+  input["prompt_len"] = 0;
+  const json out = RunJson("slice", input);
+  EXPECT_TRUE(out["token_range"].is_null());
+  EXPECT_EQ(out["block_ids"], json::array({json::array()}));
+}
+
+TEST(KvplanSlice, ANeededBlockThatIsNotHeldIsAnError) {
+  EXPECT_THAT(
+      RunCommand("slice",
+                 SliceInput("context", nullptr, {{{"block_ids", {10, -1, 12, 13}}}}).dump()),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("group=0 block=1")));
+  EXPECT_THAT(
+      RunCommand("slice", SliceInput("context", nullptr, {{{"block_ids", {10, 11}}}}).dump()),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("block table shorter")));
+}
+
+// ---------------------------------------------------------------------------
+// transfer
+
+json TransferInput() {
+  // tpb 8, prompt 64; a full group and a W 24 group (stale_end 5); the generation
+  // side has a V2 prefix hit of 20 tokens (2 blocks) and a draft block.
+  return {{"tokens_per_block", 8},
+          {"prompt_len", 64},
+          {"context",
+           {{"groups",
+             {{{"window", nullptr}, {"block_ids", {0, 1, 2, 3, 4, 5, 6, 7}}},
+              {{"window", 24}, {"block_ids", {-1, -1, -1, -1, -1, 15, 16, 17}}}}}}},
+          {"generation",
+           {{"reuse", {{"enabled", true}, {"adapter", "v2"}, {"num_committed_tokens", 20}}},
+            {"groups",
+             {{{"window", nullptr}, {"block_ids", {30, 31, 32, 33, 34, 35, 36, 37, 38}}},
+              {{"window", 24}, {"block_ids", {-1, -1, -1, -1, -1, 45, 46, 47}}}}}}}};
+}
+
+TEST(KvplanTransfer, CountsWhatMovesAndWhy) {
+  const json out = RunJson("transfer", TransferInput());
+  ASSERT_EQ(out["groups"].size(), 2u);
+  const json& full = out["groups"][0];
+  EXPECT_EQ(full["src"], json::array({2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(full["dst"], json::array({32, 33, 34, 35, 36, 37}));
+  EXPECT_EQ(full["src_start_token"], 0);
+  EXPECT_EQ(full["dst_start_token"], 16);
+  EXPECT_EQ(full["total_blocks"], 8);
+  EXPECT_EQ(full["moved"], 6);
+  EXPECT_EQ(full["skipped_cached"], 2);
+  EXPECT_EQ(full["skipped_window"], 0);
+  const json& window = out["groups"][1];
+  EXPECT_EQ(window["window"], 24);
+  EXPECT_EQ(window["src"], json::array({15, 16, 17}));
+  EXPECT_EQ(window["dst"], json::array({45, 46, 47}));
+  EXPECT_EQ(window["moved"], 3);
+  EXPECT_EQ(window["skipped_window"], 5);
+  EXPECT_EQ(window["skipped_cached"], 0);
+  EXPECT_EQ(out["totals"]["moved"], 9);
+  EXPECT_EQ(out["totals"]["total_blocks"], 16);
+  EXPECT_EQ(out["token_range"], json::array({0, 64}));
+  EXPECT_EQ(out["cached_tokens"]["generation"], json::array({16, 40}));
+  EXPECT_EQ(out["cached_tokens"]["context"], json::array({0, 40}));
+}
+
+TEST(KvplanTransfer, CountsAddUpWithAHintAndAChunk) {
+  json input = TransferInput();
+  input["dst_start_token"] = 36;  // not block aligned: block 4 still moves
+  json out = RunJson("transfer", input);
+  EXPECT_EQ(out["groups"][0]["skipped_cached"], 2);
+  EXPECT_EQ(out["groups"][0]["skipped_hint"], 2);
+  EXPECT_EQ(out["groups"][0]["moved"], 4);
+
+  input = TransferInput();
+  input["token_range"] = {0, 24};  // chunk: 3 blocks, all stale for the window
+  out = RunJson("transfer", input);
+  EXPECT_EQ(out["groups"][0]["total_blocks"], 3);
+  EXPECT_EQ(out["groups"][0]["moved"], 1);
+  EXPECT_EQ(out["groups"][1]["skipped_window"], 3);
+  EXPECT_EQ(out["groups"][1]["moved"], 0);
+}
+
+TEST(KvplanTransfer, SideCopiesMustAgree) {
+  json input = TransferInput();
+  input["context"]["tokens_per_block"] = 8;
+  input["generation"]["prompt_len"] = 64;
+  input["generation"]["side"] = "generation";
+  input["generation"]["dst_start_token"] = 16;
+  EXPECT_THAT(RunCommand("transfer", input.dump()), IsOk());
+
+  input["context"]["tokens_per_block"] = 16;
+  EXPECT_THAT(RunCommand("transfer", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("context.tokens_per_block: must agree")));
+  input = TransferInput();
+  input["generation"]["groups"][1]["window"] = 32;
+  EXPECT_THAT(
+      RunCommand("transfer", input.dump()),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("generation.groups[1]: must match")));
+  input = TransferInput();
+  input["context"]["side"] = "generation";
+  EXPECT_THAT(RunCommand("transfer", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("context.side")));
+  input = TransferInput();
+  input["dst_start_token"] = 8;
+  input["generation"]["dst_start_token"] = 16;
+  EXPECT_THAT(
+      RunCommand("transfer", input.dump()),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("generation.dst_start_token")));
+  input = TransferInput();
+  input["context"]["dst_start_token"] = 16;
+  EXPECT_THAT(RunCommand("transfer", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("context.dst_start_token: unknown field")));
+}
+
+TEST(KvplanTransfer, NamesTheSideWhoseBlockIsGone) {
+  json input = TransferInput();
+  input["context"]["groups"][1]["block_ids"][6] = -1;
+  EXPECT_THAT(RunCommand("transfer", input.dump()),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("context: a block the transfer needs is not held")));
+}
+
+// ---------------------------------------------------------------------------
+// Rejected input: every reason is one line and names the field.
+
+TEST(KvplanRejects, MalformedAndInvalidInput) {
+  const std::string kAlign =
+      R"("src": [1], "dst": [2], "src_start_token": 0, "dst_start_token": 0)";
+  const std::string kPair = R"("tokens_per_block": 8, "prompt_len": 32)";
+  const std::string kSlice = R"("tokens_per_block": 8, "prompt_len": 32, "side": "context")";
+  struct Row {
+    const char* command;
+    std::string input;
+    const char* reason;
+  };
+  const Row rows[] = {
+      {"align", "", "malformed JSON"},
+      {"align", "{\"tokens_per_block\": 8,", "malformed JSON: parse error at line 1"},
+      {"align", "{} {}", "malformed JSON"},
+      {"align", "[1, 2]", "input: must be a JSON object, got array"},
+      {"align", "{\"tokens_per_block\": \"8\", " + kAlign + "}",
+       "tokens_per_block: must be an integer > 0, got string \"8\""},
+      {"align", "{\"tokens_per_block\": 8.5, " + kAlign + "}", "got number 8.5"},
+      {"align", "{\"tokens_per_block\": 8.0, " + kAlign + "}", "tokens_per_block"},
+      {"align", "{\"tokens_per_block\": true, " + kAlign + "}", "got boolean true"},
+      {"align", "{\"tokens_per_block\": 0, " + kAlign + "}", "tokens_per_block"},
+      {"align", "{\"tokens_per_block\": -8, " + kAlign + "}", "got -8"},
+      {"align", "{\"tokens_per_block\": 9223372036854775808, " + kAlign + "}",
+       "does not fit in int64"},
+      {"align",
+       "{\"tokens_per_block\": 8, \"src\": [1, -3], \"dst\": [], "
+       "\"src_start_token\": 0, \"dst_start_token\": 0}",
+       "src[1]: must be a block id >= 0, got -3"},
+      {"align",
+       "{\"tokens_per_block\": 8, \"src\": [], \"dst\": [], "
+       "\"src_start_token\": -1, \"dst_start_token\": 0}",
+       "src_start_token"},
+      {"align", "{\"tokens_per_block\": 8, \"src\": []}", "dst: missing required field"},
+      {"align", "{\"tokens_per_blok\": 8, " + kAlign + "}", "tokens_per_blok: unknown field"},
+      {"pair", R"({"tokens_per_block": 8, "prompt_len": -1, "windows": [], "src": [], "dst": []})",
+       "prompt_len: must be an integer >= 0, got -1"},
+      {"pair",
+       "{" + kPair + ", \"token_range\": [4, 4], \"windows\": [], \"src\": [], \"dst\": []}",
+       "token_range: must satisfy start < end, got start=4 end=4"},
+      {"pair",
+       "{" + kPair + ", \"token_range\": [8, 4], \"windows\": [], \"src\": [], \"dst\": []}",
+       "token_range"},
+      {"pair", "{" + kPair + ", \"token_range\": [4], \"windows\": [], \"src\": [], \"dst\": []}",
+       "token_range: must be [start, end]"},
+      {"pair",
+       "{" + kPair + ", \"token_range\": [-4, 8], \"windows\": [], \"src\": [], \"dst\": []}",
+       "token_range[0]"},
+      {"pair", "{" + kPair + ", \"windows\": [0], \"src\": [[]], \"dst\": [[]]}",
+       "windows[0]: must be null or an integer > 0, got 0"},
+      {"pair", "{" + kPair + ", \"windows\": [\"64\"], \"src\": [[]], \"dst\": [[]]}",
+       "windows[0]"},
+      {"pair", "{" + kPair + ", \"windows\": [null], \"src\": [[], []], \"dst\": [[]]}",
+       "src: must list one block list per layer group: src_groups=2 windows=1"},
+      {"pair", "{" + kPair + ", \"windows\": [null], \"src\": [[]], \"dst\": []}",
+       "dst: must list one block list per layer group"},
+      {"pair",
+       "{" + kPair +
+           ", \"windows\": [null], \"src\": [[]], \"dst\": [[]], "
+           "\"dst_start_token\": -8}",
+       "dst_start_token"},
+      {"slice", "{" + kSlice + ", \"groups\": [{\"block_ids\": [1, -2]}]}",
+       "groups[0].block_ids[1]: must be a block id >= 0 or -1 (not held), got -2"},
+      {"slice", "{" + kSlice + ", \"token_range\": [0, 40], \"groups\": []}",
+       "token_range: must end at or before the prompt's end"},
+      {"slice", R"({"tokens_per_block": 8, "prompt_len": 32, "side": "decode", "groups": []})",
+       "side: must be one of \"context\", \"generation\""},
+      {"slice", "{" + kSlice + ", \"groups\": [{\"kind\": \"ssm\"}]}", "groups[0].kind"},
+      {"slice", "{" + kSlice + ", \"groups\": [{\"kind\": \"mamba\", \"block_ids\": []}]}",
+       "groups[0].block_ids: unknown field"},
+      {"slice", "{" + kSlice + ", \"groups\": [{\"window\": 16}]}",
+       "groups[0].block_ids: missing required field"},
+      {"slice",
+       "{" + kSlice +
+           ", \"reuse\": {\"enabled\": true, \"adapter\": \"v3\"}, "
+           "\"groups\": []}",
+       "reuse.adapter: must be one of \"v1\", \"v2\""},
+      {"slice",
+       "{" + kSlice +
+           ", \"reuse\": {\"enabled\": true, \"adapter\": \"v1\"}, "
+           "\"groups\": []}",
+       "reuse.prepopulated_prompt_len: missing required field"},
+      {"slice",
+       "{" + kSlice +
+           ", \"reuse\": {\"enabled\": true, \"adapter\": \"v1\", "
+           "\"num_committed_tokens\": 8}, \"groups\": []}",
+       "reuse.num_committed_tokens: unknown field"},
+      {"slice",
+       "{" + kSlice +
+           ", \"reuse\": {\"enabled\": 1, \"adapter\": \"v2\", "
+           "\"num_committed_tokens\": 8}, \"groups\": []}",
+       "reuse.enabled: must be true or false"},
+      {"slice",
+       "{" + kSlice +
+           ", \"reuse\": {\"enabled\": true, \"adapter\": \"v2\", "
+           "\"num_committed_tokens\": -8}, \"groups\": []}",
+       "reuse.num_committed_tokens"},
+      {"slice", "{" + kSlice + ", \"generation_only\": \"yes\", \"groups\": []}",
+       "generation_only: must be true or false"},
+      {"transfer", R"({"tokens_per_block": 8, "prompt_len": 32, "context": {"groups": []}})",
+       "generation: missing required field"},
+      {"transfer", R"({"tokens_per_block": 8, "prompt_len": 32, "context": {"groups": []},
+                       "generation": {"groups": [{"block_ids": []}]}})",
+       "generation.groups: must list the same layer groups"},
+      {"plan", "{}", "unknown command: plan"},
+  };
+  for (const Row& row : rows) {
+    SCOPED_TRACE(absl::StrCat(row.command, " ", row.input));
+    absl::StatusOr<std::string> out = RunCommand(row.command, row.input);
+    EXPECT_THAT(out, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(row.reason)));
+    EXPECT_THAT(std::string(out.status().message()), Not(HasSubstr("\n")));
+  }
+}
+
+}  // namespace
+}  // namespace kvx::kvplan
