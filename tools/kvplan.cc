@@ -799,9 +799,31 @@ absl::StatusOr<std::string> RunCommand(absl::string_view command, absl::string_v
     return absl::InvalidArgumentError(absl::StrCat("unknown command: ", OneLine(command),
                                                    " (expected align, pair, slice or transfer)"));
   }
+  // nlohmann keeps the last of two equal keys; a duplicated field is as likely a
+  // mistake as a misspelt one, so it is rejected too. One set of keys per open
+  // object.
+  std::vector<std::vector<std::string>> keys_per_object;
+  std::optional<std::string> duplicate;
+  const json::parser_callback_t on_event = [&](int /*depth*/, json::parse_event_t event,
+                                               json& parsed) {
+    if (event == json::parse_event_t::object_start) {
+      keys_per_object.emplace_back();
+    } else if (event == json::parse_event_t::object_end) {
+      keys_per_object.pop_back();
+    } else if (event == json::parse_event_t::key && !keys_per_object.empty()) {
+      std::vector<std::string>& keys = keys_per_object.back();
+      const std::string key = parsed.get<std::string>();
+      if (std::find(keys.begin(), keys.end(), key) != keys.end()) {
+        if (!duplicate) duplicate = key;
+      } else {
+        keys.push_back(key);
+      }
+    }
+    return true;
+  };
   json input;
   try {
-    input = json::parse(input_json.begin(), input_json.end());
+    input = json::parse(input_json.begin(), input_json.end(), on_event);
   } catch (const json::parse_error& e) {
     // e.what() is "[json.exception.parse_error.101] parse error at line 1, ...".
     absl::string_view what = e.what();
@@ -809,6 +831,10 @@ absl::StatusOr<std::string> RunCommand(absl::string_view command, absl::string_v
       what.remove_prefix(pos + 2);
     }
     return absl::InvalidArgumentError(OneLine(absl::StrCat("malformed JSON: ", what)));
+  }
+  if (duplicate) {
+    return absl::InvalidArgumentError(
+        OneLine(absl::StrCat(*duplicate, ": field given twice in one object")));
   }
   absl::StatusOr<ordered_json> out;
   try {

@@ -25,8 +25,8 @@ Usage: kvplan <command> [file]      (no file or "-": read stdin)
        kvplan --help
 Reads one JSON object, prints one line of JSON on stdout and exits 0. On rejected
 input it exits 1 with a one-line reason on stderr (naming the offending field) and
-prints nothing on stdout. Unknown fields are rejected (a typo never becomes a
-default); an optional field given as null counts as absent. Integers only (no 8.0,
+prints nothing on stdout. Unknown fields and fields given twice are rejected (a
+typo never becomes a default); an optional field given as null counts as absent. Integers only (no 8.0,
 no "8"); token counts and positions are 0 <= n <= 2^53-1, tokens_per_block >= 1,
 block ids >= 0. token_range is [start, end] with 0 <= start < end; in slice and
 transfer also end <= prompt_len. Semantics: SEMANTICS.md sections 2-5.

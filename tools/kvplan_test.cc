@@ -376,6 +376,8 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
       {"align", "", "malformed JSON"},
       {"align", "{\"tokens_per_block\": 8,", "malformed JSON: parse error at line 1"},
       {"align", "{} {}", "malformed JSON"},
+      {"align", R"({"tokens_per_block": 8, "tokens_per_block": 16})",
+       "tokens_per_block: field given twice in one object"},
       {"align", "[1, 2]", "input: must be a JSON object, got array"},
       {"align", "{\"tokens_per_block\": \"8\", " + kAlign + "}",
        "tokens_per_block: must be an integer > 0, got string \"8\""},
