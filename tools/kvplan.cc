@@ -459,6 +459,18 @@ struct Shared {
   std::optional<TokenRange> token_range;
 };
 
+// tokens_per_block, prompt_len and token_range (ending within the prompt), all
+// required but the range.
+absl::StatusOr<Shared> ParseShared(const Fields& fields) {
+  absl::StatusOr<int64_t> tpb = fields.Tokens("tokens_per_block", 1);
+  if (!tpb.ok()) return tpb.status();
+  absl::StatusOr<int64_t> prompt_len = fields.Tokens("prompt_len", 0);
+  if (!prompt_len.ok()) return prompt_len.status();
+  absl::StatusOr<std::optional<TokenRange>> range = OptionalTokenRange(fields, *prompt_len);
+  if (!range.ok()) return range.status();
+  return Shared{*tpb, *prompt_len, *range};
+}
+
 // One side's slice input, validated.
 struct SliceInput {
   Shared shared;
@@ -532,13 +544,9 @@ absl::StatusOr<SliceInput> ParseSliceInput(const json& value, const std::string&
 
   SliceInput input;
   if (outer == nullptr) {
-    absl::StatusOr<int64_t> tpb = fields->Tokens("tokens_per_block", 1);
-    if (!tpb.ok()) return tpb.status();
-    absl::StatusOr<int64_t> prompt_len = fields->Tokens("prompt_len", 0);
-    if (!prompt_len.ok()) return prompt_len.status();
-    absl::StatusOr<std::optional<TokenRange>> range = OptionalTokenRange(*fields, *prompt_len);
-    if (!range.ok()) return range.status();
-    input.shared = Shared{*tpb, *prompt_len, *range};
+    absl::StatusOr<Shared> shared = ParseShared(*fields);
+    if (!shared.ok()) return shared.status();
+    input.shared = *shared;
     absl::StatusOr<std::string> side = fields->String("side", {"context", "generation"});
     if (!side.ok()) return side.status();
     input.side = *side == "context" ? Side::kContext : Side::kGeneration;
@@ -686,13 +694,9 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
                                                {"tokens_per_block", "prompt_len", "token_range",
                                                 "dst_start_token", "context", "generation"});
   if (!fields.ok()) return fields.status();
-  absl::StatusOr<int64_t> tpb = fields->Tokens("tokens_per_block", 1);
-  if (!tpb.ok()) return tpb.status();
-  absl::StatusOr<int64_t> prompt_len = fields->Tokens("prompt_len", 0);
-  if (!prompt_len.ok()) return prompt_len.status();
-  absl::StatusOr<std::optional<TokenRange>> range = OptionalTokenRange(*fields, *prompt_len);
-  if (!range.ok()) return range.status();
-  const Shared shared{*tpb, *prompt_len, *range};
+  absl::StatusOr<Shared> parsed_shared = ParseShared(*fields);
+  if (!parsed_shared.ok()) return parsed_shared.status();
+  const Shared& shared = *parsed_shared;
 
   absl::StatusOr<const json*> context_json = fields->Required("context");
   if (!context_json.ok()) return context_json.status();
@@ -746,8 +750,8 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
     return absl::Status(dst.status().code(), absl::StrCat("generation: ", dst.status().message()));
 
   transfer::PairingOptions options;
-  options.tokens_per_block = *tpb;
-  options.prompt_len = *prompt_len;
+  options.tokens_per_block = shared.tokens_per_block;
+  options.prompt_len = shared.prompt_len;
   options.windows = windows;
   options.dst_start_token = *hint;
   options.request_id = kRequestId;
