@@ -77,8 +77,9 @@ absl::StatusOr<WindowBlocks> ComputeWindowBlocks(int64_t prompt_len,
   blocks.total_blocks = CeilDiv(prompt_len, tokens_per_block);
   // Position prompt_len (the next token) attends to [prompt_len + 1 - W,
   // prompt_len]; a block whose last token precedes that start is stale.
-  if (window) {
-    blocks.stale_end = std::max<int64_t>(0, (prompt_len + 1 - *window) / tokens_per_block);
+  // Written so that no term overflows for any prompt_len and window.
+  if (window && *window <= prompt_len) {
+    blocks.stale_end = (prompt_len - *window + 1) / tokens_per_block;
   }
   blocks.expected_valid = std::max<int64_t>(0, blocks.total_blocks - blocks.stale_end);
   return blocks;
@@ -129,6 +130,14 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
     return absl::InvalidArgumentError(absl::StrCat(
         "destination start token must not be negative: dst_start_token=",
         *options.dst_start_token));
+  }
+
+  if (src.token_range && dst.token_range && src.token_range->end() != dst.token_range->end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "source and destination slices end at different tokens:",
+        options.request_id ? absl::StrCat(" request=", *options.request_id) : "",
+        options.slice_id ? absl::StrCat(" slice=", *options.slice_id) : "",
+        " src_end=", src.token_range->end(), " dst_end=", dst.token_range->end()));
   }
 
   const int64_t tpb = options.tokens_per_block;

@@ -100,8 +100,8 @@ struct KVSlice {
   std::optional<int64_t> mamba_state_index;
 };
 
-// cdiv(a, b) for a >= 0, b > 0.
-constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// cdiv(a, b) for a >= 0, b > 0; exact for every such pair (no a + b - 1 overflow).
+constexpr int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // The sliding-window quantities of one layer group for one request
 // (SEMANTICS.md section 2).
@@ -162,7 +162,8 @@ struct GroupPairing {
 // src.token_range->end() (0 when absent).
 //
 // Errors (all InvalidArgument, naming request, slice, group and the numbers):
-// the two slices or `options.windows` disagree on the number of groups; a list is
+// the two slices or `options.windows` disagree on the number of groups; both
+// slices have token ranges that end at different tokens; a list is
 // longer than its suffix by more than one block (one trailing draft-token block is
 // dropped); a windowed group without options.prompt_len; a negative hint or prompt
 // length; tokens_per_block <= 0.

@@ -1,6 +1,7 @@
 #include "transfer/slice.h"
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -72,6 +73,16 @@ TEST(ComputeWindowBlocks, MatchesSemanticsExamples) {
     EXPECT_EQ(blocks.stale_end, c.stale_end);
     EXPECT_EQ(blocks.expected_valid, c.valid);
   }
+}
+
+TEST(ComputeWindowBlocks, DoesNotOverflowAtTheEdgesOfInt64) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  ASSERT_OK_AND_ASSIGN(WindowBlocks blocks, ComputeWindowBlocks(kMax, 1, kMax));
+  EXPECT_EQ(blocks.total_blocks, 1);
+  EXPECT_EQ(blocks.stale_end, 1);
+  ASSERT_OK_AND_ASSIGN(blocks, ComputeWindowBlocks(kMax - 1, kMax, 1));
+  EXPECT_EQ(blocks.stale_end, 0);
+  EXPECT_EQ(CeilDiv(kMax, 2), kMax / 2 + 1);
 }
 
 TEST(ComputeWindowBlocks, RejectsBadInput) {
@@ -285,6 +296,10 @@ TEST(PairSliceBlocks, RejectsInconsistentInput) {
   EXPECT_THAT(PairSliceBlocks(one, two, OneGroupOptions(std::nullopt)),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        AllOf(HasSubstr("src_groups=1"), HasSubstr("dst_groups=2"))));
+
+  EXPECT_THAT(PairSliceBlocks(one, OneGroupSlice(16, Iota(0, 2)), OneGroupOptions(std::nullopt)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("src_end=32"), HasSubstr("dst_end=16"))));
 
   PairingOptions no_prompt = OneGroupOptions(16);
   no_prompt.prompt_len.reset();

@@ -3,7 +3,7 @@
 // 128k-token prompt with many layer groups, every other one a 4096-token window,
 // and a prefix hit on the generation side.
 //
-//   bazel run -c opt //transfer:slice_benchmark
+//   bazel run -c opt //cache_reuse:slice_benchmark
 //
 // items_per_second counts blocks planned: block ids in the built lists for
 // BM_BuildSlices, pairs for BM_PairSlices and BM_PlanTransfer; "plans" is
