@@ -1,0 +1,194 @@
+#include "testing/kv_oracle.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/status_matchers.h"
+#include "transfer/scenario.h"
+#include "transfer/slice.h"
+#include "transfer/topology.h"
+
+namespace kvx::testing {
+namespace {
+
+using transfer::GroupSpec;
+using transfer::ModelSpec;
+using transfer::Scenario;
+using transfer::Topology;
+
+Topology Instance(int64_t tp, std::vector<int64_t> layers_per_pp, bool dp = false) {
+  Topology t;
+  t.tp_size = tp;
+  t.pp_size = static_cast<int64_t>(layers_per_pp.size());
+  t.layers_per_pp_rank = std::move(layers_per_pp);
+  t.attention_dp = dp;
+  return t;
+}
+
+ModelSpec SmallModel(int64_t layers, int64_t heads, bool mla = false) {
+  ModelSpec m;
+  m.num_layers = layers;
+  m.num_kv_heads = heads;
+  m.head_size = 2;
+  m.element_bytes = 2;
+  m.tokens_per_block = 4;
+  m.is_mla = mla;
+  m.groups = {GroupSpec{std::nullopt, transfer::AllLayers(layers)}};
+  return m;
+}
+
+// A permutation of [0, n) ids drawn from `slots` slots: block ids need not be
+// contiguous or ordered.
+std::vector<int64_t> Shuffled(std::mt19937_64& rng, int64_t n, int64_t slots) {
+  std::vector<int64_t> ids(slots);
+  for (int64_t i = 0; i < slots; ++i) ids[i] = i;
+  std::shuffle(ids.begin(), ids.end(), rng);
+  ids.resize(n);
+  return ids;
+}
+
+TEST(KvOracle, FixedTopologies) {
+  struct Case {
+    std::string name;
+    ModelSpec model;
+    Topology context;
+    Topology generation;
+    int64_t prompt_len;
+    int64_t cached;
+  };
+  ModelSpec swa = SmallModel(4, 4);
+  swa.groups = {GroupSpec{std::nullopt, {0, 2}}, GroupSpec{8, {1, 3}}};
+  const Case cases[] = {
+      {"identical", SmallModel(4, 4), Instance(1, {4}), Instance(1, {4}), 17, 0},
+      {"identical tp2", SmallModel(4, 4), Instance(2, {4}), Instance(2, {4}), 16, 4},
+      {"pp2 to pp1", SmallModel(5, 2), Instance(1, {2, 3}), Instance(1, {5}), 9, 0},
+      {"pp1 to pp3 uneven", SmallModel(7, 2), Instance(1, {7}), Instance(1, {1, 4, 2}), 13,
+       8},
+      {"tp2 to tp4", SmallModel(3, 4), Instance(2, {3}), Instance(4, {3}), 12, 0},
+      {"tp4 to tp1", SmallModel(3, 4), Instance(4, {3}), Instance(1, {3}), 5, 4},
+      {"replicated tp8 to tp2", SmallModel(2, 2), Instance(8, {2}), Instance(2, {2}), 9,
+       0},
+      {"replicated tp2 to tp8", SmallModel(2, 2), Instance(2, {2}), Instance(8, {2}), 9,
+       0},
+      {"replicated tp4 to tp8, 2 heads", SmallModel(2, 2), Instance(4, {2}),
+       Instance(8, {2}), 4, 0},
+      {"mla tp4 to tp2 pp2", SmallModel(4, 8, true), Instance(4, {4}),
+       Instance(2, {1, 3}), 11, 4},
+      {"attention dp", SmallModel(3, 4), Instance(2, {3}, true), Instance(4, {3}, true),
+       10, 0},
+      {"windowed groups", swa, Instance(2, {2, 2}), Instance(4, {4}), 21, 4},
+      {"one token", SmallModel(2, 2), Instance(2, {2}), Instance(1, {1, 1}), 1, 0},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Scenario s;
+    s.model = c.model;
+    s.context.topology = c.context;
+    s.generation.topology = c.generation;
+    s.request.prompt_len = c.prompt_len;
+    s.request.generation_cached_tokens = c.cached;
+    s.request.context_dp_rank = 1;
+    s.request.generation_dp_rank = 2;
+    OracleStats stats;
+    EXPECT_OK(CheckScenarioBytes(s, &stats));
+    EXPECT_GT(stats.bytes_copied, 0u);
+  }
+}
+
+TEST(KvOracle, PassesPlannerErrorsThrough) {
+  // A context table shorter than the prompt: the transfer needs a block it lacks.
+  Scenario s;
+  s.model = SmallModel(2, 2);
+  s.context.topology = Instance(1, {2});
+  s.generation.topology = Instance(1, {2});
+  s.request.prompt_len = 8;
+  s.request.context_tables = {{0}};
+  EXPECT_THAT(CheckScenarioBytes(s), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// Random topologies from {TP 1,2,4,8} x {PP 1,2,4} on each side, uneven layer
+// splits, prompts on block and window boundaries, prefix hits, shuffled block ids,
+// replicated heads, MLA, windowed groups and attention DP.
+TEST(KvOracle, RandomTopologies) {
+  const int seed = ::testing::UnitTest::GetInstance()->random_seed();
+  SCOPED_TRACE(absl::StrCat("seed=", seed));
+  std::mt19937_64 rng(seed);
+  auto pick = [&](std::vector<int64_t> v) {
+    return v[std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng)];
+  };
+  auto split = [&](int64_t layers, int64_t pp) {
+    // Uneven: cut points drawn at random, each stage at least one layer.
+    std::vector<int64_t> cuts;
+    std::vector<int64_t> candidates;
+    for (int64_t i = 1; i < layers; ++i) candidates.push_back(i);
+    std::shuffle(candidates.begin(), candidates.end(), rng);
+    cuts.assign(candidates.begin(), candidates.begin() + (pp - 1));
+    std::sort(cuts.begin(), cuts.end());
+    std::vector<int64_t> sizes;
+    int64_t prev = 0;
+    for (int64_t cut : cuts) {
+      sizes.push_back(cut - prev);
+      prev = cut;
+    }
+    sizes.push_back(layers - prev);
+    return sizes;
+  };
+  for (int iteration = 0; iteration < 150; ++iteration) {
+    const int64_t layers = pick({4, 5, 7, 8});
+    const bool mla = pick({0, 0, 0, 1}) == 1;
+    const int64_t heads = pick({1, 2, 4, 8});
+    ModelSpec model = SmallModel(layers, heads, mla);
+    const int64_t tpb = model.tokens_per_block;
+    const int64_t window = pick({0, 6, 8, 12});
+    if (window > 0) {
+      model.groups = {GroupSpec{std::nullopt, {}}, GroupSpec{window, {}}};
+      for (int64_t l = 0; l < layers; ++l) {
+        model.groups[l % 2].global_layer_ids.push_back(l);
+      }
+    }
+    Scenario s;
+    s.model = model;
+    const bool dp = pick({0, 0, 0, 1}) == 1;
+    for (Topology* t : {&s.context.topology, &s.generation.topology}) {
+      int64_t tp = pick({1, 2, 4, 8});
+      while (!mla && !dp && tp % heads != 0 && heads % tp != 0) tp = pick({1, 2, 4, 8});
+      *t = Instance(tp, split(layers, std::min(layers, pick({1, 2, 4}))), dp);
+    }
+    const int64_t w = window > 0 ? window : 2 * tpb;
+    s.request.prompt_len = std::max<int64_t>(
+        1, pick({1, tpb - 1, tpb, tpb + 1, w - 1, w, w + 1, 3 * tpb, 3 * tpb + 1,
+                 5 * tpb - 1}));
+    const int64_t total = transfer::CeilDiv(s.request.prompt_len, tpb);
+    s.request.generation_cached_tokens =
+        pick({0, 0, tpb, s.request.prompt_len / 2, s.request.prompt_len - 1});
+    s.request.context_dp_rank = pick({0, 1, 7}) % s.context.topology.tp_size;
+    s.request.generation_dp_rank = pick({0, 1, 7}) % s.generation.topology.tp_size;
+    const bool shuffle = pick({0, 1}) == 1;
+    if (shuffle) {
+      for (size_t g = 0; g < model.groups.size(); ++g) {
+        s.request.context_tables.push_back(Shuffled(rng, total + 1, total + 3));
+        s.request.generation_tables.push_back(Shuffled(rng, total, total + 2));
+      }
+    }
+    SCOPED_TRACE(absl::StrCat(
+        "iteration=", iteration, " layers=", layers, " heads=", heads, " mla=", mla,
+        " window=", window, " dp=", dp, " ctx_tp=", s.context.topology.tp_size,
+        " ctx_pp=", absl::StrJoin(s.context.topology.layers_per_pp_rank, ","),
+        " gen_tp=", s.generation.topology.tp_size,
+        " gen_pp=", absl::StrJoin(s.generation.topology.layers_per_pp_rank, ","),
+        " prompt=", s.request.prompt_len, " cached=", s.request.generation_cached_tokens,
+        " shuffle=", shuffle));
+    ASSERT_OK(CheckScenarioBytes(s));
+  }
+}
+
+}  // namespace
+}  // namespace kvx::testing
