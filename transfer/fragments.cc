@@ -165,6 +165,53 @@ void EmitPieces(const SlotMap& map, int64_t src_block, int64_t dst_block,
   }
 }
 
+// Every block id of a group's pairs lies in its pool. The hot loop only reads;
+// the message is built on the cold path.
+absl::Status CheckBlocks(const SlotMap& map, const GroupPairing& pairing,
+                         const PlanContext& context, size_t group) {
+  const uint64_t src_slots = static_cast<uint64_t>(map.src_num_slots);
+  const uint64_t dst_slots = static_cast<uint64_t>(map.dst_num_slots);
+  bool bad = false;
+  for (size_t i = 0; i < pairing.src.size(); ++i) {
+    // A negative id wraps to a huge unsigned one.
+    bad |= static_cast<uint64_t>(pairing.src[i]) >= src_slots;
+    bad |= static_cast<uint64_t>(pairing.dst[i]) >= dst_slots;
+  }
+  if (!bad) return absl::OkStatus();
+  for (size_t i = 0; i < pairing.src.size(); ++i) {
+    if (absl::Status s = CheckSlot("src", pairing.src[i], map.src_num_slots, context,
+                                   "group", group, i);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckSlot("dst", pairing.dst[i], map.dst_num_slots, context,
+                                   "group", group, i);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::InternalError("block check disagrees with itself");
+}
+
+// Whole-slot copies: a run of pairs whose ids both go up by one is one write, found
+// without touching the output per block.
+void EmitWholeSlotRuns(const SlotMap& map, const GroupPairing& pairing,
+                       std::vector<Fragment>* out) {
+  const int64_t* src = pairing.src.data();
+  const int64_t* dst = pairing.dst.data();
+  const size_t n = pairing.src.size();
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i + 1;
+    while (j < n && src[j] == src[j - 1] + 1 && dst[j] == dst[j - 1] + 1) ++j;
+    AppendCoalesced(Fragment{map.src_pool, static_cast<uint64_t>(src[i]) * map.src_slot_bytes,
+                             map.dst_pool, static_cast<uint64_t>(dst[i]) * map.dst_slot_bytes,
+                             static_cast<uint64_t>(j - i) * map.src_slot_bytes},
+                    out);
+    i = j;
+  }
+}
+
 absl::Status CheckFragmentSide(const char* side, size_t index, int64_t pool_index,
                                uint64_t offset, uint64_t bytes,
                                const RankPageTable& table) {
@@ -247,13 +294,16 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
           " src=", pairing.src.size(), " dst=", pairing.dst.size()));
       break;
     }
-    for (size_t i = 0; i < pairing.src.size(); ++i) {
-      status.Update(CheckSlot("src", pairing.src[i], map.src_num_slots, context,
-                              "group", g, i));
-      status.Update(CheckSlot("dst", pairing.dst[i], map.dst_num_slots, context,
-                              "group", g, i));
-      if (!status.ok()) break;
-      EmitPieces(map, pairing.src[i], pairing.dst[i], &plan->fragments);
+    if (absl::Status s = CheckBlocks(map, pairing, context, g); !s.ok()) {
+      status = s;
+      break;
+    }
+    if (map.kind == transfer_internal::MapperKind::kWholeSlot) {
+      EmitWholeSlotRuns(map, pairing, &plan->fragments);
+    } else if (map.kind != transfer_internal::MapperKind::kNone) {
+      for (size_t i = 0; i < pairing.src.size(); ++i) {
+        EmitPieces(map, pairing.src[i], pairing.dst[i], &plan->fragments);
+      }
     }
     plan->fragments_before_coalescing +=
         static_cast<int64_t>(pairing.src.size()) * map.pieces_before_coalescing;
