@@ -141,7 +141,7 @@ TEST(KvOracle, RandomTopologies) {
     sizes.push_back(layers - prev);
     return sizes;
   };
-  for (int iteration = 0; iteration < 150; ++iteration) {
+  for (int iteration = 0; iteration < 400; ++iteration) {
     const int64_t layers = pick({4, 5, 7, 8});
     const bool mla = pick({0, 0, 0, 1}) == 1;
     const int64_t heads = pick({1, 2, 4, 8});
