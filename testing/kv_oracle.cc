@@ -78,8 +78,8 @@ Memory Allocate(const RankPageTable& table, int64_t rank) {
 // Calls visit(pool, offset, value) for every byte of logical KV the rank owns in
 // group g at block position b stored in slot `slot`.
 template <typename Visit>
-void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table,
-                   size_t g, int64_t b, int64_t slot, Visit visit) {
+void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table, size_t g,
+                   int64_t b, int64_t slot, Visit visit) {
   const transfer::AttentionGroup& group = table.attention_groups[g];
   const transfer::Pool& pool = table.pools[group.view.pool_index];
   const Heads heads = OwnedHeads(model, table.topology);
@@ -88,8 +88,8 @@ void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table,
   const uint64_t slot_base = static_cast<uint64_t>(slot) * pool.slot_bytes;
   for (size_t i = 0; i < group.global_layer_ids.size(); ++i) {
     for (int64_t kv = 0; kv < (model.is_mla ? 1 : 2); ++kv) {
-      const uint64_t buffer =
-          slot_base + (kv == 0 ? group.view.layers[i].k_offset : group.view.layers[i].v_offset);
+      const uint64_t buffer = slot_base + (kv == 0 ? group.view.layers[i].k_offset
+                                                   : group.view.layers[i].v_offset);
       for (int64_t h = 0; h < heads.count; ++h) {
         for (int64_t t = 0; t < model.tokens_per_block; ++t) {
           for (int64_t byte = 0; byte < token_bytes; ++byte) {
@@ -108,11 +108,10 @@ void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table,
 
 uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head,
                     int64_t byte) {
-  return static_cast<uint8_t>(Mix((static_cast<uint64_t>(layer) << 44) ^
-                                  (static_cast<uint64_t>(token) << 24) ^
-                                  (static_cast<uint64_t>(kv) << 60) ^
-                                  (static_cast<uint64_t>(head) << 16) ^
-                                  static_cast<uint64_t>(byte)));
+  return static_cast<uint8_t>(
+      Mix((static_cast<uint64_t>(layer) << 44) ^ (static_cast<uint64_t>(token) << 24) ^
+          (static_cast<uint64_t>(kv) << 60) ^ (static_cast<uint64_t>(head) << 16) ^
+          static_cast<uint64_t>(byte)));
 }
 
 absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats* stats) {
@@ -193,7 +192,8 @@ absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats*
                   context[pair.context_rank][f.src_pool].data() + f.src_offset, f.bytes);
       std::vector<uint8_t>& count = writes[pair.generation_rank][f.dst_pool];
       for (uint64_t i = 0; i < f.bytes; ++i) {
-        count[f.dst_offset + i] = static_cast<uint8_t>(std::min(count[f.dst_offset + i] + 1, 255));
+        count[f.dst_offset + i] =
+            static_cast<uint8_t>(std::min(count[f.dst_offset + i] + 1, 255));
       }
       ++stats->writes;
       stats->bytes_copied += f.bytes;

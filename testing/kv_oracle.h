@@ -27,12 +27,11 @@ namespace kvx::testing {
 
 // The value of byte `byte` (of the element's dim-major bytes) of the logical KV at
 // (layer, token, kv: 0 = K or latent, 1 = V, head).
-uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head,
-                    int64_t byte);
+uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head, int64_t byte);
 
 // What the oracle saw.
 struct OracleStats {
-  int64_t writes = 0;         // fragments applied
+  int64_t writes = 0;  // fragments applied
   uint64_t bytes_copied = 0;
   uint64_t bytes_checked = 0;
 };

@@ -25,10 +25,7 @@ using transfer::Scenario;
 using transfer::Topology;
 
 Topology Instance(int64_t tp, std::vector<int64_t> layers_per_pp, bool dp = false) {
-  Topology t;
-  t.tp_size = tp;
-  t.pp_size = static_cast<int64_t>(layers_per_pp.size());
-  t.layers_per_pp_rank = std::move(layers_per_pp);
+  Topology t = transfer::MakeTopology(tp, std::move(layers_per_pp));
   t.attention_dp = dp;
   return t;
 }
@@ -70,8 +67,8 @@ TEST(KvOracle, FixedTopologies) {
       {"identical", SmallModel(4, 4), Instance(1, {4}), Instance(1, {4}), 17, 0},
       {"identical tp2", SmallModel(4, 4), Instance(2, {4}), Instance(2, {4}), 16, 4},
       {"pp2 to pp1", SmallModel(5, 2), Instance(1, {2, 3}), Instance(1, {5}), 9, 0},
-      {"pp1 to pp3 uneven", SmallModel(7, 2), Instance(1, {7}), Instance(1, {1, 4, 2}), 13,
-       8},
+      {"pp1 to pp3 uneven", SmallModel(7, 2), Instance(1, {7}), Instance(1, {1, 4, 2}),
+       13, 8},
       {"tp2 to tp4", SmallModel(3, 4), Instance(2, {3}), Instance(4, {3}), 12, 0},
       {"tp4 to tp1", SmallModel(3, 4), Instance(4, {3}), Instance(1, {3}), 5, 4},
       {"replicated tp8 to tp2", SmallModel(2, 2), Instance(8, {2}), Instance(2, {2}), 9,
@@ -163,9 +160,9 @@ TEST(KvOracle, RandomTopologies) {
       *t = Instance(tp, split(layers, std::min(layers, pick({1, 2, 4}))), dp);
     }
     const int64_t w = window > 0 ? window : 2 * tpb;
-    s.request.prompt_len = std::max<int64_t>(
-        1, pick({1, tpb - 1, tpb, tpb + 1, w - 1, w, w + 1, 3 * tpb, 3 * tpb + 1,
-                 5 * tpb - 1}));
+    s.request.prompt_len =
+        std::max<int64_t>(1, pick({1, tpb - 1, tpb, tpb + 1, w - 1, w, w + 1, 3 * tpb,
+                                   3 * tpb + 1, 5 * tpb - 1}));
     const int64_t total = transfer::CeilDiv(s.request.prompt_len, tpb);
     s.request.generation_cached_tokens =
         pick({0, 0, tpb, s.request.prompt_len / 2, s.request.prompt_len - 1});

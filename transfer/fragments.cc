@@ -125,9 +125,9 @@ absl::Status BuildStateMaps(const RankPageTable& src, const RankPageTable& dst,
               " dst_bytes=", dg.layers[j].bytes));
         }
         if (!writes) return;
-        AppendPiece(SlotPiece{sg.layers[i].offset, dg.layers[j].offset,
-                              sg.layers[i].bytes},
-                    &map.pieces);
+        AppendPiece(
+            SlotPiece{sg.layers[i].offset, dg.layers[j].offset, sg.layers[i].bytes},
+            &map.pieces);
         ++map.pieces_before_coalescing;
       });
       if (!status.ok()) return status;
@@ -204,10 +204,11 @@ void EmitWholeSlotRuns(const SlotMap& map, const GroupPairing& pairing,
   while (i < n) {
     size_t j = i + 1;
     while (j < n && src[j] == src[j - 1] + 1 && dst[j] == dst[j - 1] + 1) ++j;
-    AppendCoalesced(Fragment{map.src_pool, static_cast<uint64_t>(src[i]) * map.src_slot_bytes,
-                             map.dst_pool, static_cast<uint64_t>(dst[i]) * map.dst_slot_bytes,
-                             static_cast<uint64_t>(j - i) * map.src_slot_bytes},
-                    out);
+    AppendCoalesced(
+        Fragment{map.src_pool, static_cast<uint64_t>(src[i]) * map.src_slot_bytes,
+                 map.dst_pool, static_cast<uint64_t>(dst[i]) * map.dst_slot_bytes,
+                 static_cast<uint64_t>(j - i) * map.src_slot_bytes},
+        out);
     i = j;
   }
 }
@@ -223,9 +224,8 @@ absl::Status CheckFragmentSide(const char* side, size_t index, int64_t pool_inde
     }
   }
   return absl::OutOfRangeError(absl::StrCat(
-      side, " fragment outside a registered pool: fragment=", index,
-      " pool=", pool_index, " offset=", offset, " bytes=", bytes,
-      " pools=", table.pools.size()));
+      side, " fragment outside a registered pool: fragment=", index, " pool=", pool_index,
+      " offset=", offset, " bytes=", bytes, " pools=", table.pools.size()));
 }
 
 }  // namespace
@@ -289,9 +289,9 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
     const SlotMap& map = groups_[g];
     const GroupPairing& pairing = pairings[g];
     if (pairing.src.size() != pairing.dst.size()) {
-      status = absl::InvalidArgumentError(absl::StrCat(
-          "block pairs of unequal length:", Where(context), " group=", g,
-          " src=", pairing.src.size(), " dst=", pairing.dst.size()));
+      status = absl::InvalidArgumentError(
+          absl::StrCat("block pairs of unequal length:", Where(context), " group=", g,
+                       " src=", pairing.src.size(), " dst=", pairing.dst.size()));
       break;
     }
     if (absl::Status s = CheckBlocks(map, pairing, context, g); !s.ok()) {
@@ -316,8 +316,7 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
       status.Update(CheckSlot("dst", *context.dst_state_slot, map.dst_num_slots, context,
                               "state_group", k, 0));
       if (!status.ok()) break;
-      EmitPieces(map, *context.src_state_slot, *context.dst_state_slot,
-                 &plan->fragments);
+      EmitPieces(map, *context.src_state_slot, *context.dst_state_slot, &plan->fragments);
       plan->fragments_before_coalescing += map.pieces_before_coalescing;
     }
   }
@@ -330,8 +329,8 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
   return absl::OkStatus();
 }
 
-absl::StatusOr<FragmentPlan> FragmentPlanner::Plan(absl::Span<const GroupPairing> pairings,
-                                                   const PlanContext& context) const {
+absl::StatusOr<FragmentPlan> FragmentPlanner::Plan(
+    absl::Span<const GroupPairing> pairings, const PlanContext& context) const {
   FragmentPlan plan;
   if (absl::Status s = PlanInto(pairings, context, &plan); !s.ok()) return s;
   return plan;

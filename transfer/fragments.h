@@ -72,7 +72,7 @@ using MapperKind = transfer_internal::MapperKind;
 
 // The writes of one request (or slice) from one sender rank to one receiver rank.
 struct FragmentPlan {
-  std::vector<Fragment> fragments;         // coalesced
+  std::vector<Fragment> fragments;          // coalesced
   int64_t fragments_before_coalescing = 0;  // what the mappers emit per block
   uint64_t total_bytes = 0;
 };

@@ -23,14 +23,6 @@
 namespace kvx::transfer {
 namespace {
 
-Topology Shape(int64_t tp, std::vector<int64_t> layers) {
-  Topology t;
-  t.tp_size = tp;
-  t.pp_size = static_cast<int64_t>(layers.size());
-  t.layers_per_pp_rank = std::move(layers);
-  return t;
-}
-
 void BM_PlanRankPair(benchmark::State& state) {
   const int64_t tokens = state.range(0);
   const int64_t topo = state.range(1);
@@ -42,12 +34,12 @@ void BM_PlanRankPair(benchmark::State& state) {
   model.element_bytes = 2;
   model.tokens_per_block = 32;
   model.groups = {GroupSpec{std::nullopt, AllLayers(80)}};
-  Topology context = Shape(8, {80});
-  Topology generation = Shape(8, {80});
-  if (topo == 1) context = Shape(4, {80});
+  Topology context = MakeTopology(8, {80});
+  Topology generation = MakeTopology(8, {80});
+  if (topo == 1) context = MakeTopology(4, {80});
   if (topo == 2) {
-    context = Shape(1, {40, 40});
-    generation = Shape(1, {80});
+    context = MakeTopology(1, {40, 40});
+    generation = MakeTopology(1, {80});
   }
   const int64_t blocks = CeilDiv(tokens, model.tokens_per_block);
   absl::StatusOr<RankPageTable> src =
@@ -85,10 +77,11 @@ void BM_PlanRankPair(benchmark::State& state) {
   const int64_t after = static_cast<int64_t>(plan.fragments.size());
   state.SetItemsProcessed(state.iterations() * after);
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(plan.total_bytes));
-  state.counters["fragments_before"] = static_cast<double>(plan.fragments_before_coalescing);
+  state.counters["fragments_before"] =
+      static_cast<double>(plan.fragments_before_coalescing);
   state.counters["fragments_after"] = static_cast<double>(after);
-  state.counters["runs"] = benchmark::Counter(static_cast<double>(after),
-                                              benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["runs"] = benchmark::Counter(
+      static_cast<double>(after), benchmark::Counter::kIsIterationInvariantRate);
   // Seconds per fragment, before and after coalescing (printed as e.g. "12n").
   state.counters["time_per_fragment_before"] = benchmark::Counter(
       static_cast<double>(plan.fragments_before_coalescing),

@@ -33,17 +33,6 @@ ModelSpec Model(int64_t layers, int64_t heads) {
   return m;
 }
 
-Topology At(int64_t tp, int64_t tp_rank, std::vector<int64_t> layers,
-            int64_t pp_rank = 0) {
-  Topology t;
-  t.tp_size = tp;
-  t.tp_rank = tp_rank;
-  t.pp_size = static_cast<int64_t>(layers.size());
-  t.pp_rank = pp_rank;
-  t.layers_per_pp_rank = std::move(layers);
-  return t;
-}
-
 RankPageTable Table(const ModelSpec& model, const Topology& topology) {
   absl::StatusOr<RankPageTable> table =
       BuildStandardPageTable(model, topology, 16, uint64_t{1} << 32);
@@ -61,9 +50,9 @@ std::vector<GroupPairing> Pairs(BlockList src, BlockList dst) {
 TEST(AppendCoalesced, MergesOnlyWhenBothSidesContinue) {
   std::vector<Fragment> out;
   AppendCoalesced(Fragment{0, 0, 1, 100, 10}, &out);
-  AppendCoalesced(Fragment{0, 10, 1, 110, 5}, &out);   // continues both
-  AppendCoalesced(Fragment{0, 15, 1, 200, 5}, &out);   // dst jumps
-  AppendCoalesced(Fragment{0, 20, 2, 205, 5}, &out);   // other dst pool
+  AppendCoalesced(Fragment{0, 10, 1, 110, 5}, &out);  // continues both
+  AppendCoalesced(Fragment{0, 15, 1, 200, 5}, &out);  // dst jumps
+  AppendCoalesced(Fragment{0, 20, 2, 205, 5}, &out);  // other dst pool
   EXPECT_THAT(out, ElementsAre(Fragment{0, 0, 1, 100, 15}, Fragment{0, 15, 1, 200, 5},
                                Fragment{0, 20, 2, 205, 5}));
 }
@@ -71,14 +60,14 @@ TEST(AppendCoalesced, MergesOnlyWhenBothSidesContinue) {
 TEST(FragmentPlanner, WholeSlotsCoalesceAcrossConsecutiveBlocks) {
   const ModelSpec model = Model(2, 2);  // slot: 2 layers x K,V x 32 bytes = 128
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(1, 0, {2})),
-                                               Table(model, At(1, 0, {2}))));
+                       FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
+                                               Table(model, MakeTopology(1, {2}, 0))));
   EXPECT_TRUE(planner.writes());
   EXPECT_EQ(planner.group_kind(0), MapperKind::kWholeSlot);
   ASSERT_OK_AND_ASSIGN(FragmentPlan plan,
                        planner.Plan(Pairs({0, 1, 2, 5, 6}, {10, 11, 12, 13, 14}), {}));
-  EXPECT_THAT(plan.fragments, ElementsAre(Fragment{0, 0, 0, 1280, 384},
-                                          Fragment{0, 640, 0, 1664, 256}));
+  EXPECT_THAT(plan.fragments,
+              ElementsAre(Fragment{0, 0, 0, 1280, 384}, Fragment{0, 640, 0, 1664, 256}));
   EXPECT_EQ(plan.fragments_before_coalescing, 5);
   EXPECT_EQ(plan.total_bytes, 640u);
 }
@@ -86,9 +75,10 @@ TEST(FragmentPlanner, WholeSlotsCoalesceAcrossConsecutiveBlocks) {
 TEST(FragmentPlanner, LayerRunAtEachSidesOffset) {
   const ModelSpec model = Model(4, 2);
   // Context PP stage 1 holds layers 2-3 (slot 128); generation PP1 all 4 (slot 256).
-  ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(1, 0, {2, 2}, 1)),
-                                               Table(model, At(1, 0, {4}))));
+  ASSERT_OK_AND_ASSIGN(
+      FragmentPlanner planner,
+      FragmentPlanner::Create(Table(model, MakeTopology(1, {2, 2}, 0, 1)),
+                              Table(model, MakeTopology(1, {4}, 0))));
   EXPECT_EQ(planner.group_kind(0), MapperKind::kLayerRun);
   ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(Pairs({3, 4}, {5, 6}), {}));
   EXPECT_THAT(plan.fragments, ElementsAre(Fragment{0, 384, 0, 1408, 128},
@@ -100,8 +90,8 @@ TEST(FragmentPlanner, HeadRunPerLayerAndKv) {
   const ModelSpec model = Model(1, 2);
   // Context TP1 holds heads 0-1 (K 32, V 32); generation TP2 rank 1 holds head 1.
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(1, 0, {1})),
-                                               Table(model, At(2, 1, {1}))));
+                       FragmentPlanner::Create(Table(model, MakeTopology(1, {1}, 0)),
+                                               Table(model, MakeTopology(2, {1}, 1))));
   EXPECT_EQ(planner.group_kind(0), MapperKind::kHeadRun);
   ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(Pairs({1}, {2}), {}));
   EXPECT_THAT(plan.fragments,
@@ -114,8 +104,8 @@ TEST(FragmentPlanner, ReplicatedHeadsWithUnequalHeadsPerRankMapOneHead) {
   // both. Context rank 2 (head 1) writes head 1 only, never a whole slot.
   const ModelSpec model = Model(2, 2);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(4, 2, {2})),
-                                               Table(model, At(1, 0, {2}))));
+                       FragmentPlanner::Create(Table(model, MakeTopology(4, {2}, 2)),
+                                               Table(model, MakeTopology(1, {2}, 0))));
   EXPECT_TRUE(planner.writes());
   EXPECT_EQ(planner.group_kind(0), MapperKind::kHeadRun);
   ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(Pairs({0}, {0}), {}));
@@ -127,8 +117,8 @@ TEST(FragmentPlanner, ReplicatedHeadsWithUnequalHeadsPerRankMapOneHead) {
 TEST(FragmentPlanner, ReplicaSendsEmptyWriteButChecksBlocks) {
   const ModelSpec model = Model(2, 1);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(2, 1, {2})),
-                                               Table(model, At(1, 0, {2}))));
+                       FragmentPlanner::Create(Table(model, MakeTopology(2, {2}, 1)),
+                                               Table(model, MakeTopology(1, {2}, 0))));
   EXPECT_TRUE(planner.overlaps());
   EXPECT_FALSE(planner.writes());
   ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(Pairs({0, 1}, {2, 3}), {}));
@@ -140,8 +130,8 @@ TEST(FragmentPlanner, ReplicaSendsEmptyWriteButChecksBlocks) {
 TEST(FragmentPlanner, RejectsBadPairsBeforeEmitting) {
   const ModelSpec model = Model(2, 2);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
-                       FragmentPlanner::Create(Table(model, At(1, 0, {2})),
-                                               Table(model, At(1, 0, {2}))));
+                       FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
+                                               Table(model, MakeTopology(1, {2}, 0))));
   PlanContext context;
   context.request_id = 7;
   context.slice_id = 3;
@@ -163,24 +153,25 @@ TEST(FragmentPlanner, RejectsIncompatibleOrMalformedPeers) {
   const ModelSpec model = Model(2, 2);
   ModelSpec other = model;
   other.tokens_per_block = 8;
-  EXPECT_THAT(FragmentPlanner::Create(Table(model, At(1, 0, {2})),
-                                      Table(other, At(1, 0, {2}))),
+  EXPECT_THAT(FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
+                                      Table(other, MakeTopology(1, {2}, 0))),
               StatusIs(absl::StatusCode::kFailedPrecondition,
                        HasSubstr("field=tokens_per_block")));
-  RankPageTable bad = Table(model, At(1, 0, {2}));
+  RankPageTable bad = Table(model, MakeTopology(1, {2}, 0));
   bad.pools[0].num_slots = -1;
-  EXPECT_THAT(FragmentPlanner::Create(Table(model, At(1, 0, {2})), bad),
+  EXPECT_THAT(FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)), bad),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dst page table")));
 }
 
 TEST(FragmentPlanner, CopiesMambaStatePerCommonLayer) {
   const ModelSpec model = Model(4, 2);
-  RankPageTable src = Table(model, At(1, 0, {2, 2}, 1));
-  RankPageTable dst = Table(model, At(1, 0, {4}));
+  RankPageTable src = Table(model, MakeTopology(1, {2, 2}, 0, 1));
+  RankPageTable dst = Table(model, MakeTopology(1, {4}, 0));
   src.pools.push_back(Pool{uint64_t{1} << 48, 64, 4, PoolRole::kMambaState});
   src.state_groups = {StateGroup{{2, 3}, 1, {{0, 32}, {32, 32}}}};
   dst.pools.push_back(Pool{uint64_t{1} << 48, 128, 4, PoolRole::kMambaState});
-  dst.state_groups = {StateGroup{{0, 1, 2, 3}, 1, {{0, 32}, {32, 32}, {64, 32}, {96, 32}}}};
+  dst.state_groups = {
+      StateGroup{{0, 1, 2, 3}, 1, {{0, 32}, {32, 32}, {64, 32}, {96, 32}}}};
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner, FragmentPlanner::Create(src, dst));
   PlanContext context;
   context.src_state_slot = 1;
@@ -199,7 +190,7 @@ TEST(FragmentPlanner, CopiesMambaStatePerCommonLayer) {
 
 TEST(ValidateFragments, RejectsFragmentsOutsidePools) {
   const ModelSpec model = Model(2, 2);
-  const RankPageTable table = Table(model, At(1, 0, {2}));  // 16 slots of 128
+  const RankPageTable table = Table(model, MakeTopology(1, {2}, 0));  // 16 slots of 128
   EXPECT_THAT(ValidateFragments({Fragment{0, 0, 0, 1920, 128}}, table, table), IsOk());
   EXPECT_THAT(ValidateFragments({Fragment{0, 0, 0, 1921, 128}}, table, table),
               StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("dst fragment")));

@@ -34,8 +34,8 @@ absl::Status CheckLayerIds(const std::vector<int64_t>& ids, const Span& span,
   return absl::OkStatus();
 }
 
-absl::Status CheckPoolIndex(const RankPageTable& table, int64_t pool_index,
-                            PoolRole role, const char* kind, size_t group) {
+absl::Status CheckPoolIndex(const RankPageTable& table, int64_t pool_index, PoolRole role,
+                            const char* kind, size_t group) {
   if (pool_index < 0 || pool_index >= static_cast<int64_t>(table.pools.size()) ||
       table.pools[pool_index].role != role) {
     return absl::InvalidArgumentError(
@@ -56,10 +56,10 @@ absl::Status CheckPools(const std::vector<Pool>& pools) {
         __builtin_mul_overflow(pool.slot_bytes, static_cast<uint64_t>(pool.num_slots),
                                &bytes) ||
         __builtin_add_overflow(pool.base_address, bytes, &end)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "pool must be nonempty and fit the address space: pool=", i,
-          " base=", pool.base_address, " slot_bytes=", pool.slot_bytes,
-          " num_slots=", pool.num_slots));
+      return absl::InvalidArgumentError(
+          absl::StrCat("pool must be nonempty and fit the address space: pool=", i,
+                       " base=", pool.base_address, " slot_bytes=", pool.slot_bytes,
+                       " num_slots=", pool.num_slots));
     }
     extents.emplace_back(pool.base_address, end);
   }
@@ -69,17 +69,16 @@ absl::Status CheckPools(const std::vector<Pool>& pools) {
             [&](size_t a, size_t b) { return extents[a].first < extents[b].first; });
   for (size_t k = 1; k < order.size(); ++k) {
     if (extents[order[k - 1]].second > extents[order[k]].first) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("pools overlap: pool=", order[k - 1], " other=", order[k],
-                       " end=", extents[order[k - 1]].second,
-                       " other_base=", extents[order[k]].first));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "pools overlap: pool=", order[k - 1], " other=", order[k], " end=",
+          extents[order[k - 1]].second, " other_base=", extents[order[k]].first));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CheckAttentionGroup(const RankPageTable& table, size_t g,
-                                 const Span& layers, int64_t heads_per_rank) {
+absl::Status CheckAttentionGroup(const RankPageTable& table, size_t g, const Span& layers,
+                                 int64_t heads_per_rank) {
   const AttentionGroup& group = table.attention_groups[g];
   if (group.window && *group.window <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -96,11 +95,11 @@ absl::Status CheckAttentionGroup(const RankPageTable& table, size_t g,
   }
   if (group.view.layers.size() != group.global_layer_ids.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "pool view needs one entry per layer: group=", g,
-        " entries=", group.view.layers.size(), " layers=", group.global_layer_ids.size()));
+        "pool view needs one entry per layer: group=", g, " entries=",
+        group.view.layers.size(), " layers=", group.global_layer_ids.size()));
   }
-  if (absl::Status s =
-          CheckPoolIndex(table, group.view.pool_index, PoolRole::kKVCache, "attention", g);
+  if (absl::Status s = CheckPoolIndex(table, group.view.pool_index, PoolRole::kKVCache,
+                                      "attention", g);
       !s.ok()) {
     return s;
   }
@@ -126,10 +125,9 @@ absl::Status CheckStateGroup(const RankPageTable& table, size_t g, const Span& l
     return s;
   }
   if (group.layers.size() != group.global_layer_ids.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("state group needs one buffer per layer: group=", g,
-                     " entries=", group.layers.size(),
-                     " layers=", group.global_layer_ids.size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "state group needs one buffer per layer: group=", g,
+        " entries=", group.layers.size(), " layers=", group.global_layer_ids.size()));
   }
   if (absl::Status s =
           CheckPoolIndex(table, group.pool_index, PoolRole::kMambaState, "state", g);
@@ -140,10 +138,10 @@ absl::Status CheckStateGroup(const RankPageTable& table, size_t g, const Span& l
   for (size_t i = 0; i < group.layers.size(); ++i) {
     const StateBuffer& buffer = group.layers[i];
     if (buffer.bytes == 0 || !Inside(buffer.offset, buffer.bytes, slot_bytes)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "state buffer empty or outside its slot: group=", g,
-          " layer=", group.global_layer_ids[i], " offset=", buffer.offset,
-          " bytes=", buffer.bytes, " slot_bytes=", slot_bytes));
+      return absl::InvalidArgumentError(
+          absl::StrCat("state buffer empty or outside its slot: group=", g,
+                       " layer=", group.global_layer_ids[i], " offset=", buffer.offset,
+                       " bytes=", buffer.bytes, " slot_bytes=", slot_bytes));
     }
   }
   return absl::OkStatus();
@@ -151,8 +149,8 @@ absl::Status CheckStateGroup(const RankPageTable& table, size_t g, const Span& l
 
 template <typename T>
 absl::Status Differ(const char* field, const T& self, const T& peer) {
-  return absl::FailedPreconditionError(absl::StrCat(
-      "incompatible ranks: field=", field, " self=", self, " peer=", peer));
+  return absl::FailedPreconditionError(
+      absl::StrCat("incompatible ranks: field=", field, " self=", self, " peer=", peer));
 }
 
 }  // namespace
@@ -210,8 +208,7 @@ absl::Status CheckCompatible(const RankPageTable& self, const RankPageTable& pee
     return Differ("element_bytes", self.element_bytes, peer.element_bytes);
   }
   if (TotalLayers(self.topology) != TotalLayers(peer.topology)) {
-    return Differ("total_layers", TotalLayers(self.topology),
-                  TotalLayers(peer.topology));
+    return Differ("total_layers", TotalLayers(self.topology), TotalLayers(peer.topology));
   }
   if (self.is_mla != peer.is_mla) {
     return Differ("is_mla", static_cast<int>(self.is_mla), static_cast<int>(peer.is_mla));
@@ -227,9 +224,9 @@ absl::Status CheckCompatible(const RankPageTable& self, const RankPageTable& pee
     const std::optional<int64_t>& a = self.attention_groups[g].window;
     const std::optional<int64_t>& b = peer.attention_groups[g].window;
     if (a != b) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "incompatible ranks: field=window group=", g, " self=", a ? *a : 0,
-          " peer=", b ? *b : 0));
+      return absl::FailedPreconditionError(
+          absl::StrCat("incompatible ranks: field=window group=", g, " self=", a ? *a : 0,
+                       " peer=", b ? *b : 0));
     }
   }
   return absl::OkStatus();

@@ -94,7 +94,7 @@ struct StateBuffer {
 struct StateGroup {
   std::vector<int64_t> global_layer_ids;  // strictly increasing, in the PP span
   int64_t pool_index = 0;
-  std::vector<StateBuffer> layers;        // parallel to global_layer_ids
+  std::vector<StateBuffer> layers;  // parallel to global_layer_ids
 };
 
 // Everything a rank advertises about its KV cache.

@@ -62,7 +62,8 @@ TEST(ValidatePageTable, RejectsMalformedPeerTables) {
          t.pools[0].base_address = std::numeric_limits<uint64_t>::max() - 100;
        },
        "pool=0"},
-      {"pools overlap", [](RankPageTable& t) { t.pools[1].base_address = (1 << 20) + 64; },
+      {"pools overlap",
+       [](RankPageTable& t) { t.pools[1].base_address = (1 << 20) + 64; },
        "pools overlap"},
       {"view outside its slot",
        [](RankPageTable& t) { t.attention_groups[0].view.layers[1].v_offset = 900; },
@@ -74,7 +75,9 @@ TEST(ValidatePageTable, RejectsMalformedPeerTables) {
        [](RankPageTable& t) { t.attention_groups[0].global_layer_ids[1] = 2; },
        "layer=2"},
       {"layer ids not increasing",
-       [](RankPageTable& t) { t.attention_groups[0].global_layer_ids = {1, 1}; },
+       [](RankPageTable& t) {
+         t.attention_groups[0].global_layer_ids = {1, 1};
+       },
        "index=1"},
       {"view entries missing",
        [](RankPageTable& t) { t.attention_groups[0].view.layers.pop_back(); },

@@ -20,11 +20,11 @@ namespace {
 absl::Status CheckModel(const ModelSpec& model) {
   if (model.num_layers <= 0 || model.num_kv_heads <= 0 || model.head_size <= 0 ||
       model.element_bytes <= 0 || model.tokens_per_block <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "model sizes must be positive: num_layers=", model.num_layers,
-        " num_kv_heads=", model.num_kv_heads, " head_size=", model.head_size,
-        " element_bytes=", model.element_bytes,
-        " tokens_per_block=", model.tokens_per_block));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model sizes must be positive: num_layers=", model.num_layers,
+                     " num_kv_heads=", model.num_kv_heads, " head_size=", model.head_size,
+                     " element_bytes=", model.element_bytes,
+                     " tokens_per_block=", model.tokens_per_block));
   }
   for (size_t g = 0; g < model.groups.size(); ++g) {
     const std::vector<int64_t>& ids = model.groups[g].global_layer_ids;
@@ -60,7 +60,8 @@ absl::StatusOr<KVSlice> BuildSlice(const ModelSpec& model, const ScenarioRequest
         request.prompt_len, model.groups[g].window, model.tokens_per_block);
     if (!blocks.ok()) return blocks.status();
     const int64_t total = blocks->total_blocks;
-    const int64_t first = std::max(blocks->stale_end, cached_tokens / model.tokens_per_block);
+    const int64_t first =
+        std::max(blocks->stale_end, cached_tokens / model.tokens_per_block);
     BlockList table;
     if (tables.empty() || tables[g].empty()) {
       for (int64_t b = 0; b < total; ++b) table.push_back(b);
@@ -131,9 +132,9 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
   if (absl::Status s = CheckModel(model); !s.ok()) return s;
   if (absl::Status s = ValidateTopology(topology); !s.ok()) return s;
   if (TotalLayers(topology) != model.num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("pp layer split disagrees with the model: num_layers=",
-                     model.num_layers, " split_layers=", TotalLayers(topology)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pp layer split disagrees with the model: num_layers=", model.num_layers,
+        " split_layers=", TotalLayers(topology)));
   }
   if (num_slots <= 0) {
     return absl::InvalidArgumentError(
@@ -167,10 +168,9 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
       group.global_layer_ids.push_back(id);
       group.view.layers.push_back(LayerBuffers{k, k + buffer_bytes});
     }
-    const uint64_t slot_bytes =
-        std::max<uint64_t>(1, group.global_layer_ids.size() * buffers_per_layer * buffer_bytes);
-    table.pools.push_back(
-        Pool{cursor, slot_bytes, num_slots, PoolRole::kKVCache});
+    const uint64_t slot_bytes = std::max<uint64_t>(
+        1, group.global_layer_ids.size() * buffers_per_layer * buffer_bytes);
+    table.pools.push_back(Pool{cursor, slot_bytes, num_slots, PoolRole::kKVCache});
     cursor += slot_bytes * static_cast<uint64_t>(num_slots);
     table.attention_groups.push_back(std::move(group));
   }
@@ -184,27 +184,30 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario) {
   if (absl::Status s = CheckModel(model); !s.ok()) return s;
   if (request.prompt_len < 0 || request.generation_cached_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "prompt and cached lengths must not be negative: prompt_len=",
-        request.prompt_len, " cached=", request.generation_cached_tokens));
+        "prompt and cached lengths must not be negative: prompt_len=", request.prompt_len,
+        " cached=", request.generation_cached_tokens));
   }
   absl::StatusOr<KVSlice> src =
       BuildSlice(model, request, request.context_tables, 0, "context");
   if (!src.ok()) return src.status();
-  absl::StatusOr<KVSlice> dst = BuildSlice(model, request, request.generation_tables,
-                                           request.generation_cached_tokens, "generation");
+  absl::StatusOr<KVSlice> dst =
+      BuildSlice(model, request, request.generation_tables,
+                 request.generation_cached_tokens, "generation");
   if (!dst.ok()) return dst.status();
   PairingOptions options;
   options.tokens_per_block = model.tokens_per_block;
   options.prompt_len = request.prompt_len;
   options.request_id = request.request_id;
   for (const GroupSpec& group : model.groups) options.windows.push_back(group.window);
-  absl::StatusOr<std::vector<GroupPairing>> pairings = PairSliceBlocks(*src, *dst, options);
+  absl::StatusOr<std::vector<GroupPairing>> pairings =
+      PairSliceBlocks(*src, *dst, options);
   if (!pairings.ok()) return pairings.status();
 
   ScenarioPlan result;
-  absl::StatusOr<std::vector<RankPageTable>> context_tables = BuildInstance(
-      model, scenario.context,
-      SlotsFor(scenario.context, request, request.context_tables, model.tokens_per_block));
+  absl::StatusOr<std::vector<RankPageTable>> context_tables =
+      BuildInstance(model, scenario.context,
+                    SlotsFor(scenario.context, request, request.context_tables,
+                             model.tokens_per_block));
   if (!context_tables.ok()) return context_tables.status();
   absl::StatusOr<std::vector<RankPageTable>> generation_tables =
       BuildInstance(model, scenario.generation,

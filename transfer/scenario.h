@@ -105,9 +105,9 @@ struct Scenario {
 
 // The plan of one overlapping (context rank, generation rank) pair.
 struct RankPairPlan {
-  int64_t context_rank = 0;     // pp_rank * tp_size + tp_rank
+  int64_t context_rank = 0;  // pp_rank * tp_size + tp_rank
   int64_t generation_rank = 0;
-  bool writes = false;          // false: a replica's empty write, still reported
+  bool writes = false;                  // false: a replica's empty write, still reported
   std::vector<MapperKind> group_kinds;  // per attention group
   FragmentPlan plan;
 };

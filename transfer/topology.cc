@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -19,21 +20,32 @@ Span Intersect(const Span& a, const Span& b) {
 
 absl::Status CheckDpRank(const Topology& topology, int64_t dp_rank, const char* side) {
   if (topology.attention_dp && (dp_rank < 0 || dp_rank >= topology.tp_size)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dp rank out of range: side=", side, " dp_rank=", dp_rank,
-                     " tp_size=", topology.tp_size));
+    return absl::InvalidArgumentError(absl::StrCat("dp rank out of range: side=", side,
+                                                   " dp_rank=", dp_rank,
+                                                   " tp_size=", topology.tp_size));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
+Topology MakeTopology(int64_t tp_size, std::vector<int64_t> layers_per_pp_rank,
+                      int64_t tp_rank, int64_t pp_rank) {
+  Topology t;
+  t.tp_size = tp_size;
+  t.tp_rank = tp_rank;
+  t.pp_size = static_cast<int64_t>(layers_per_pp_rank.size());
+  t.pp_rank = pp_rank;
+  t.layers_per_pp_rank = std::move(layers_per_pp_rank);
+  return t;
+}
+
 absl::Status ValidateTopology(const Topology& t) {
   if (t.tp_size < 1 || t.pp_size < 1 || t.tp_rank < 0 || t.tp_rank >= t.tp_size ||
       t.pp_rank < 0 || t.pp_rank >= t.pp_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "invalid topology: tp_size=", t.tp_size, " tp_rank=", t.tp_rank,
-        " pp_size=", t.pp_size, " pp_rank=", t.pp_rank));
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid topology: tp_size=", t.tp_size, " tp_rank=", t.tp_rank,
+                     " pp_size=", t.pp_size, " pp_rank=", t.pp_rank));
   }
   if (static_cast<int64_t>(t.layers_per_pp_rank.size()) != t.pp_size) {
     return absl::InvalidArgumentError(
@@ -99,9 +111,9 @@ absl::StatusOr<RankLink> LinkRanks(const Topology& sender, const Topology& recei
   absl::StatusOr<HeadShard> receiver_shard = TpHeadShard(receiver, heads);
   if (!receiver_shard.ok()) return receiver_shard.status();
   if (TotalLayers(sender) != TotalLayers(receiver)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("instances disagree on the layer count: sender_layers=",
-                     TotalLayers(sender), " receiver_layers=", TotalLayers(receiver)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "instances disagree on the layer count: sender_layers=", TotalLayers(sender),
+        " receiver_layers=", TotalLayers(receiver)));
   }
   if (absl::Status s = CheckDpRank(sender, sender_dp_rank, "sender"); !s.ok()) return s;
   if (absl::Status s = CheckDpRank(receiver, receiver_dp_rank, "receiver"); !s.ok()) {

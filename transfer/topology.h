@@ -62,6 +62,11 @@ struct Span {
   int64_t size() const { return end - first; }
 };
 
+// The rank (tp_rank, pp_rank) of a tp_size x layers_per_pp_rank.size() instance
+// without attention DP. Does not validate.
+Topology MakeTopology(int64_t tp_size, std::vector<int64_t> layers_per_pp_rank,
+                      int64_t tp_rank = 0, int64_t pp_rank = 0);
+
 // Returns InvalidArgument (naming the field) when sizes are < 1, a rank is out of
 // range, layers_per_pp_rank has the wrong length or a non-positive entry, or the
 // total layer count overflows.
@@ -75,8 +80,8 @@ Span PpLayerSpan(const Topology& topology);
 
 // The heads one rank holds and how many ranks hold the same ones.
 struct HeadShard {
-  Span heads;               // global KV heads held (MLA: the single latent, [0, 1))
-  int64_t duplicates = 1;   // TP ranks of the instance holding exactly these heads
+  Span heads;              // global KV heads held (MLA: the single latent, [0, 1))
+  int64_t duplicates = 1;  // TP ranks of the instance holding exactly these heads
 };
 
 // Errors: InvalidArgument for an invalid topology or num_kv_heads < 1;
@@ -98,8 +103,8 @@ struct PeerLink {
   int64_t peer_rank = 0;  // pp_rank * tp_size + tp_rank in the peer instance
   int64_t peer_tp_rank = 0;
   int64_t peer_pp_rank = 0;
-  Span layers;            // global layers both hold
-  Span heads;             // global KV heads both hold
+  Span layers;  // global layers both hold
+  Span heads;   // global KV heads both hold
   // True when the sender of this pair writes bytes; false for a replica that sends
   // an empty write and only reports.
   bool writes = false;

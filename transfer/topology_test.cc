@@ -17,12 +17,7 @@ using ::testing::HasSubstr;
 
 Topology Make(int64_t tp, int64_t tp_rank, std::vector<int64_t> layers,
               int64_t pp_rank = 0, bool dp = false) {
-  Topology t;
-  t.tp_size = tp;
-  t.tp_rank = tp_rank;
-  t.pp_size = static_cast<int64_t>(layers.size());
-  t.pp_rank = pp_rank;
-  t.layers_per_pp_rank = std::move(layers);
+  Topology t = MakeTopology(tp, std::move(layers), tp_rank, pp_rank);
   t.attention_dp = dp;
   return t;
 }
@@ -87,24 +82,69 @@ TEST(ComputePeerOverlap, FollowsLayersHeadsAndReplicas) {
     std::vector<Expected> want;
   };
   const Case cases[] = {
-      {"tp4 to tp8", Make(4, 1, {80}), Make(8, 0, {80}), {8, false}, Direction::kSend, {},
+      {"tp4 to tp8",
+       Make(4, 1, {80}),
+       Make(8, 0, {80}),
+       {8, false},
+       Direction::kSend,
+       {},
        {{2, true}, {3, true}}},
-      {"tp8 to tp4", Make(8, 5, {80}), Make(4, 0, {80}), {8, false}, Direction::kSend, {},
+      {"tp8 to tp4",
+       Make(8, 5, {80}),
+       Make(4, 0, {80}),
+       {8, false},
+       Direction::kSend,
+       {},
        {{2, true}}},
-      {"pp2 stage 1 to pp1", Make(1, 0, {40, 40}, 1), Make(1, 0, {80}), {8, false},
-       Direction::kSend, {}, {{0, true}}},
-      {"pp1 to uneven pp3", Make(1, 0, {7}), Make(1, 0, {1, 4, 2}), {8, false},
-       Direction::kSend, {}, {{0, true}, {1, true}, {2, true}}},
-      {"replica sender", Make(8, 1, {4}), Make(2, 0, {4}), {2, false}, Direction::kSend,
-       {}, {{0, false}}},
-      {"receiver sees every replica", Make(2, 0, {4}), Make(8, 0, {4}), {2, false},
-       Direction::kReceive, {}, {{0, true}, {1, false}, {2, false}, {3, false}}},
-      {"mla receiver", Make(2, 1, {4}), Make(4, 0, {4}), {8, true}, Direction::kReceive,
-       {}, {{0, false}, {1, true}, {2, false}, {3, false}}},
-      {"attention dp", Make(2, 1, {4}, 0, true), Make(4, 0, {4}, 0, true), {8, false},
-       Direction::kSend, {1, 3}, {{3, true}}},
-      {"attention dp other rank", Make(2, 0, {4}, 0, true), Make(4, 0, {4}, 0, true),
-       {8, false}, Direction::kSend, {1, 3}, {}},
+      {"pp2 stage 1 to pp1",
+       Make(1, 0, {40, 40}, 1),
+       Make(1, 0, {80}),
+       {8, false},
+       Direction::kSend,
+       {},
+       {{0, true}}},
+      {"pp1 to uneven pp3",
+       Make(1, 0, {7}),
+       Make(1, 0, {1, 4, 2}),
+       {8, false},
+       Direction::kSend,
+       {},
+       {{0, true}, {1, true}, {2, true}}},
+      {"replica sender",
+       Make(8, 1, {4}),
+       Make(2, 0, {4}),
+       {2, false},
+       Direction::kSend,
+       {},
+       {{0, false}}},
+      {"receiver sees every replica",
+       Make(2, 0, {4}),
+       Make(8, 0, {4}),
+       {2, false},
+       Direction::kReceive,
+       {},
+       {{0, true}, {1, false}, {2, false}, {3, false}}},
+      {"mla receiver",
+       Make(2, 1, {4}),
+       Make(4, 0, {4}),
+       {8, true},
+       Direction::kReceive,
+       {},
+       {{0, false}, {1, true}, {2, false}, {3, false}}},
+      {"attention dp",
+       Make(2, 1, {4}, 0, true),
+       Make(4, 0, {4}, 0, true),
+       {8, false},
+       Direction::kSend,
+       {1, 3},
+       {{3, true}}},
+      {"attention dp other rank",
+       Make(2, 0, {4}, 0, true),
+       Make(4, 0, {4}, 0, true),
+       {8, false},
+       Direction::kSend,
+       {1, 3},
+       {}},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -131,9 +171,10 @@ TEST(ComputePeerOverlap, ReportsSpans) {
 }
 
 TEST(ComputePeerOverlap, RejectsMismatchedInstances) {
-  EXPECT_THAT(ComputePeerOverlap(Make(1, 0, {4}), Make(1, 0, {5}), {8, false},
-                                 Direction::kSend, {}),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("receiver_layers=5")));
+  EXPECT_THAT(
+      ComputePeerOverlap(Make(1, 0, {4}), Make(1, 0, {5}), {8, false}, Direction::kSend,
+                         {}),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("receiver_layers=5")));
   EXPECT_THAT(ComputePeerOverlap(Make(2, 0, {4}, 0, true), Make(1, 0, {4}), {8, false},
                                  Direction::kSend, {5, 0}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dp_rank=5")));

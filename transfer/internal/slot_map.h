@@ -30,7 +30,7 @@ struct SlotMap {
   uint64_t dst_slot_bytes = 0;
   int64_t src_num_slots = 0;
   int64_t dst_num_slots = 0;
-  std::vector<SlotPiece> pieces;    // coalesced within the slot, in order
+  std::vector<SlotPiece> pieces;         // coalesced within the slot, in order
   int64_t pieces_before_coalescing = 0;  // what the mapper emits per block
 };
 
