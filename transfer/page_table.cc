@@ -180,6 +180,16 @@ absl::Status ValidatePageTable(const RankPageTable& table) {
           absl::StrCat(name, " must be in [1, 2^20]: ", name, "=", value));
     }
   }
+  // Each dimension fits 20 bits, but the whole-model buffer size could still pass
+  // 2^64; then no buffer offset or size computed from them can be trusted.
+  uint64_t all_heads_bytes = 0;
+  if (__builtin_mul_overflow(HeadBlockBytes(table),
+                             static_cast<uint64_t>(table.num_kv_heads), &all_heads_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv buffer size overflows: tokens_per_block=", table.tokens_per_block,
+        " head_size=", table.head_size, " element_bytes=", table.element_bytes,
+        " num_kv_heads=", table.num_kv_heads));
+  }
   absl::StatusOr<HeadShard> shard =
       TpHeadShard(table.topology, HeadModel{table.num_kv_heads, table.is_mla});
   if (!shard.ok()) return shard.status();

@@ -92,6 +92,14 @@ TEST(ValidatePageTable, RejectsMalformedPeerTables) {
        [](RankPageTable& t) { t.state_groups[0].layers[1].offset = 200; }, "offset=200"},
       {"state empty", [](RankPageTable& t) { t.state_groups[0].layers[0].bytes = 0; },
        "bytes=0"},
+      {"buffer size overflows",
+       [](RankPageTable& t) {
+         t.tokens_per_block = 1 << 20;
+         t.head_size = 1 << 20;
+         t.element_bytes = 1 << 20;
+         t.num_kv_heads = 1 << 20;
+       },
+       "kv buffer size overflows"},
       {"bad topology", [](RankPageTable& t) { t.topology.tp_rank = 1; }, "tp_rank=1"},
   };
   for (const Case& c : cases) {

@@ -151,10 +151,16 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
   table.is_mla = model.is_mla;
   table.topology = topology;
   const Span span = PpLayerSpan(topology);
-  const uint64_t buffer_bytes = static_cast<uint64_t>(shard->heads.size()) *
-                                static_cast<uint64_t>(model.tokens_per_block) *
-                                static_cast<uint64_t>(model.head_size) *
-                                static_cast<uint64_t>(model.element_bytes);
+  // Sizes come from the caller's model: check every product and sum.
+  bool overflow = false;
+  auto mul = [&overflow](uint64_t a, uint64_t b) {
+    uint64_t product = 0;
+    overflow |= __builtin_mul_overflow(a, b, &product);
+    return product;
+  };
+  const uint64_t buffer_bytes =
+      mul(mul(mul(shard->heads.size(), model.tokens_per_block), model.head_size),
+          model.element_bytes);
   const uint64_t buffers_per_layer = model.is_mla ? 1 : 2;
   uint64_t cursor = base_address;
   for (const GroupSpec& spec : model.groups) {
@@ -164,15 +170,22 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
     group.view.pool_index = static_cast<int64_t>(table.pools.size());
     for (int64_t id : spec.global_layer_ids) {
       if (id < span.first || id >= span.end) continue;
-      const uint64_t k = group.global_layer_ids.size() * buffers_per_layer * buffer_bytes;
+      const uint64_t k =
+          mul(mul(group.global_layer_ids.size(), buffers_per_layer), buffer_bytes);
       group.global_layer_ids.push_back(id);
       group.view.layers.push_back(LayerBuffers{k, k + buffer_bytes});
     }
     const uint64_t slot_bytes = std::max<uint64_t>(
-        1, group.global_layer_ids.size() * buffers_per_layer * buffer_bytes);
+        1, mul(mul(group.global_layer_ids.size(), buffers_per_layer), buffer_bytes));
     table.pools.push_back(Pool{cursor, slot_bytes, num_slots, PoolRole::kKVCache});
-    cursor += slot_bytes * static_cast<uint64_t>(num_slots);
+    overflow |= __builtin_add_overflow(cursor, mul(slot_bytes, num_slots), &cursor);
     table.attention_groups.push_back(std::move(group));
+  }
+  if (overflow) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "standard layout does not fit 64-bit addresses: num_layers=", model.num_layers,
+        " num_kv_heads=", model.num_kv_heads, " head_size=", model.head_size,
+        " num_slots=", num_slots, " base=", base_address));
   }
   if (absl::Status s = ValidatePageTable(table); !s.ok()) return s;
   return table;

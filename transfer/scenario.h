@@ -17,11 +17,14 @@
 // Example: Llama-70B-like, TP4 context to TP8 generation, 8k-token prompt.
 //
 //   Scenario s;
-//   s.model = ModelSpec{.num_layers = 80, .num_kv_heads = 8, .head_size = 128,
-//                       .element_bytes = 2, .tokens_per_block = 32};
+//   s.model.num_layers = 80;
+//   s.model.num_kv_heads = 8;
+//   s.model.head_size = 128;
+//   s.model.element_bytes = 2;
+//   s.model.tokens_per_block = 32;
 //   s.model.groups = {GroupSpec{std::nullopt, AllLayers(80)}};
-//   s.context.topology = Topology{.tp_size = 4, .layers_per_pp_rank = {80}};
-//   s.generation.topology = Topology{.tp_size = 8, .layers_per_pp_rank = {80}};
+//   s.context.topology = MakeTopology(4, {80});
+//   s.generation.topology = MakeTopology(8, {80});
 //   s.request.prompt_len = 8192;
 //   absl::StatusOr<ScenarioPlan> plan = PlanScenario(s);
 //   // plan->pairs: 8 pairs (each context rank writes two generation ranks).

@@ -96,6 +96,9 @@ TEST(PlanScenario, RejectsMissingBlocks) {
   s.context.num_slots = 2;
   EXPECT_THAT(PlanScenario(s),
               StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block=2 num_slots=2")));
+  s.context.num_slots = int64_t{1} << 62;
+  EXPECT_THAT(PlanScenario(s), StatusIs(absl::StatusCode::kInvalidArgument,
+                                        HasSubstr("does not fit 64-bit addresses")));
   s.context.num_slots = 0;
   s.generation.topology = MakeTopology(1, {79});
   EXPECT_THAT(PlanScenario(s),

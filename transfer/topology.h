@@ -12,10 +12,11 @@
 //
 // Example: a TP4 context instance sending to a TP8 generation instance.
 //
-//   Topology context{.tp_size = 4, .pp_size = 1, .layers_per_pp_rank = {80}};
-//   Topology generation{.tp_size = 8, .pp_size = 1, .layers_per_pp_rank = {80}};
-//   HeadModel heads{.num_kv_heads = 8};
-//   context.tp_rank = 1;
+//   Topology context = MakeTopology(/*tp_size=*/4, /*layers_per_pp_rank=*/{80},
+//                                   /*tp_rank=*/1);
+//   Topology generation = MakeTopology(8, {80});
+//   HeadModel heads;
+//   heads.num_kv_heads = 8;
 //   absl::StatusOr<std::vector<PeerLink>> links = ComputePeerOverlap(
 //       context, generation, heads, Direction::kSend, DpRanks{});
 //   // links: generation TP ranks 2 and 3, both written by this rank.
