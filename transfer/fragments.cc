@@ -266,6 +266,12 @@ absl::StatusOr<FragmentPlanner> FragmentPlanner::Create(const RankPageTable& src
   for (size_t g = 0; g < src.attention_groups.size(); ++g) {
     planner.groups_.push_back(BuildGroupMap(src, dst, g, *link, src_shard, dst_shard));
   }
+  planner.slice_groups_ = src.slice_groups;
+  if (planner.slice_groups_.empty()) {
+    for (size_t g = 0; g < src.attention_groups.size(); ++g) {
+      planner.slice_groups_.push_back(static_cast<int64_t>(g));
+    }
+  }
   if (absl::Status s = BuildStateMaps(src, dst, link->writes, &planner.states_);
       !s.ok()) {
     return s;
@@ -279,15 +285,23 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
   plan->fragments.clear();
   plan->fragments_before_coalescing = 0;
   plan->total_bytes = 0;
-  if (pairings.size() != groups_.size()) {
+  if (pairings.size() != slice_groups_.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("pairings need one entry per layer group:", Where(context),
-                     " pairings=", pairings.size(), " groups=", groups_.size()));
+                     " pairings=", pairings.size(), " groups=", slice_groups_.size()));
   }
   absl::Status status;
-  for (size_t g = 0; g < groups_.size() && status.ok(); ++g) {
-    const SlotMap& map = groups_[g];
+  for (size_t g = 0; g < slice_groups_.size() && status.ok(); ++g) {
     const GroupPairing& pairing = pairings[g];
+    if (slice_groups_[g] == kStateSliceGroup) {
+      if (!pairing.src.empty() || !pairing.dst.empty()) {
+        status = absl::InvalidArgumentError(
+            absl::StrCat("block pairs for a mamba group:", Where(context), " group=", g,
+                         " src=", pairing.src.size(), " dst=", pairing.dst.size()));
+      }
+      continue;
+    }
+    const SlotMap& map = groups_[slice_groups_[g]];
     if (pairing.src.size() != pairing.dst.size()) {
       status = absl::InvalidArgumentError(
           absl::StrCat("block pairs of unequal length:", Where(context), " group=", g,

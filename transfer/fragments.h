@@ -106,11 +106,11 @@ class FragmentPlanner {
   // REQUIRES: group < number of attention groups.
   MapperKind group_kind(size_t group) const { return groups_[group].kind; }
 
-  // Replaces `plan` with the writes for `pairings` (one entry per attention group,
-  // as PairSliceBlocks returns), keeping its vector's capacity. Block ids are
-  // checked even when this sender does not write.
-  // Errors: InvalidArgument for the wrong number of groups or unequal src/dst
-  // lengths; OutOfRange for a block id < 0 or >= its pool's slot count, or a
+  // Replaces `plan` with the writes for `pairings` (one entry per slice group, as
+  // PairSliceBlocks returns; see RankPageTable::slice_groups), keeping its vector's
+  // capacity. Block ids are checked even when this sender does not write. Errors:
+  // InvalidArgument for the wrong number of groups, unequal src/dst lengths or pairs for
+  // a Mamba slice group; OutOfRange for a block id < 0 or >= its pool's slot count, or a
   // state slot likewise, naming request, slice, group, index and block.
   ABSL_MUST_USE_RESULT absl::Status PlanInto(absl::Span<const GroupPairing> pairings,
                                              const PlanContext& context,
@@ -123,7 +123,8 @@ class FragmentPlanner {
 
   bool overlaps_ = false;
   bool writes_ = false;
-  std::vector<transfer_internal::SlotMap> groups_;
+  std::vector<transfer_internal::SlotMap> groups_;  // per attention group
+  std::vector<int64_t> slice_groups_;  // RankPageTable::slice_groups, identity if empty
   std::vector<transfer_internal::SlotMap> states_;
 };
 

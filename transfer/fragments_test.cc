@@ -188,6 +188,24 @@ TEST(FragmentPlanner, CopiesMambaStatePerCommonLayer) {
               StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("layer=3")));
 }
 
+TEST(FragmentPlanner, SkipsMambaSliceGroups) {
+  // A hybrid model's slices list a Mamba group (always empty) before the attention
+  // group; pairings follow the slice order.
+  const ModelSpec model = Model(2, 2);
+  RankPageTable table = Table(model, MakeTopology(1, {2}));
+  table.slice_groups = {kStateSliceGroup, 0};
+  ASSERT_OK_AND_ASSIGN(FragmentPlanner planner, FragmentPlanner::Create(table, table));
+  std::vector<GroupPairing> pairings(2);
+  pairings[1] = Pairs({0, 1}, {2, 3})[0];
+  ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(pairings, {}));
+  EXPECT_THAT(plan.fragments, ElementsAre(Fragment{0, 0, 0, 256, 256}));
+  pairings[0] = pairings[1];
+  EXPECT_THAT(planner.Plan(pairings, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mamba group")));
+  EXPECT_THAT(planner.Plan(Pairs({0}, {0}), {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("groups=2")));
+}
+
 TEST(ValidateFragments, RejectsFragmentsOutsidePools) {
   const ModelSpec model = Model(2, 2);
   const RankPageTable table = Table(model, MakeTopology(1, {2}, 0));  // 16 slots of 128

@@ -147,6 +147,52 @@ absl::Status CheckStateGroup(const RankPageTable& table, size_t g, const Span& l
   return absl::OkStatus();
 }
 
+absl::Status CheckSliceGroups(const RankPageTable& table) {
+  if (table.slice_groups.empty()) return absl::OkStatus();
+  const int64_t num_groups = static_cast<int64_t>(table.attention_groups.size());
+  std::vector<int> seen(table.attention_groups.size(), 0);
+  for (size_t i = 0; i < table.slice_groups.size(); ++i) {
+    const int64_t g = table.slice_groups[i];
+    if (g == kStateSliceGroup) continue;
+    if (g < 0 || g >= num_groups || seen[g]++ > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "slice group names no attention group or one twice: slice_group=", i,
+          " attention_group=", g, " groups=", num_groups));
+    }
+  }
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (seen[g] == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("attention group missing from slice groups: attention_group=", g));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Both tables list each global layer under the same group index (the indices are
+// shared by both instances); a layer under different groups means the two sides
+// pair block lists of different groups.
+absl::Status CheckLayerGroupsAgree(const RankPageTable& self, const RankPageTable& peer) {
+  std::vector<std::pair<int64_t, size_t>> layers;  // (global layer, group) of self
+  for (size_t g = 0; g < self.attention_groups.size(); ++g) {
+    for (int64_t id : self.attention_groups[g].global_layer_ids)
+      layers.push_back({id, g});
+  }
+  std::sort(layers.begin(), layers.end());
+  for (size_t g = 0; g < peer.attention_groups.size(); ++g) {
+    for (int64_t id : peer.attention_groups[g].global_layer_ids) {
+      auto it =
+          std::lower_bound(layers.begin(), layers.end(), std::make_pair(id, size_t{0}));
+      if (it != layers.end() && it->first == id && it->second != g) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("incompatible ranks: field=layer_group layer=", id,
+                         " self=", it->second, " peer=", g));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 template <typename T>
 absl::Status Differ(const char* field, const T& self, const T& peer) {
   return absl::FailedPreconditionError(
@@ -184,7 +230,8 @@ absl::Status ValidatePageTable(const RankPageTable& table) {
   // 2^64; then no buffer offset or size computed from them can be trusted.
   uint64_t all_heads_bytes = 0;
   if (__builtin_mul_overflow(HeadBlockBytes(table),
-                             static_cast<uint64_t>(table.num_kv_heads), &all_heads_bytes)) {
+                             static_cast<uint64_t>(table.num_kv_heads),
+                             &all_heads_bytes)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "kv buffer size overflows: tokens_per_block=", table.tokens_per_block,
         " head_size=", table.head_size, " element_bytes=", table.element_bytes,
@@ -204,7 +251,7 @@ absl::Status ValidatePageTable(const RankPageTable& table) {
   for (size_t g = 0; g < table.state_groups.size(); ++g) {
     if (absl::Status s = CheckStateGroup(table, g, layers); !s.ok()) return s;
   }
-  return absl::OkStatus();
+  return CheckSliceGroups(table);
 }
 
 absl::Status CheckCompatible(const RankPageTable& self, const RankPageTable& peer) {
@@ -239,7 +286,12 @@ absl::Status CheckCompatible(const RankPageTable& self, const RankPageTable& pee
                        " peer=", b ? *b : 0));
     }
   }
-  return absl::OkStatus();
+  if (self.slice_groups != peer.slice_groups) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "incompatible ranks: field=slice_groups self_size=", self.slice_groups.size(),
+        " peer_size=", peer.slice_groups.size()));
+  }
+  return CheckLayerGroupsAgree(self, peer);
 }
 
 }  // namespace kvx::transfer

@@ -97,11 +97,19 @@ struct StateGroup {
   std::vector<StateBuffer> layers;  // parallel to global_layer_ids
 };
 
+// A slice group that is a Mamba state group (RankPageTable::slice_groups).
+inline constexpr int64_t kStateSliceGroup = -1;
+
 // Everything a rank advertises about its KV cache.
 struct RankPageTable {
   std::vector<Pool> pools;
   std::vector<AttentionGroup> attention_groups;
   std::vector<StateGroup> state_groups;
+  // The layer groups of the slices (SEMANTICS.md section 4), in slice order, when
+  // they are not exactly attention_groups: entry i is the index of the attention
+  // group that slice group i is, or kStateSliceGroup for a Mamba group (whose block
+  // list is always empty). Empty: slice group i is attention group i.
+  std::vector<int64_t> slice_groups;
   int64_t tokens_per_block = 0;
   int64_t head_size = 0;      // elements per head per token
   int64_t element_bytes = 0;  // 2 for bf16
@@ -124,13 +132,15 @@ uint64_t HeadBlockBytes(const RankPageTable& table);
 // overflow, pairwise disjoint; every view inside a pool of the right role and
 // every K/V or state buffer inside its slot; global layer ids strictly increasing
 // inside the rank's PP span; kv_heads_per_rank equal to the rank's TP head share;
-// windows positive. Returns InvalidArgument naming the group, layer, pool and
+// windows positive; slice_groups naming every attention group exactly once.
+// Returns InvalidArgument naming the group, layer, pool and
 // numbers; Unimplemented for an unsupported head split (see TpHeadShard).
 ABSL_MUST_USE_RESULT absl::Status ValidatePageTable(const RankPageTable& table);
 
 // Two ranks can exchange KV cache only when they agree on tokens per block, head
-// size, element size, total layers, MLA, KV head count and their attention groups'
-// number and windows. Returns FailedPrecondition naming the first field that
+// size, element size, total layers, MLA, KV head count, their attention groups'
+// number and windows, the slice group order, and which group each common global
+// layer belongs to. Returns FailedPrecondition naming the first field that
 // differs and both values ("field=head_size self=128 peer=64").
 ABSL_MUST_USE_RESULT absl::Status CheckCompatible(const RankPageTable& self,
                                                   const RankPageTable& peer);

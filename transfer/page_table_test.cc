@@ -100,6 +100,19 @@ TEST(ValidatePageTable, RejectsMalformedPeerTables) {
          t.num_kv_heads = 1 << 20;
        },
        "kv buffer size overflows"},
+      {"slice group twice",
+       [](RankPageTable& t) {
+         t.slice_groups = {0, 0};
+       },
+       "slice_group=1 attention_group=0"},
+      {"slice group missing",
+       [](RankPageTable& t) { t.slice_groups = {kStateSliceGroup}; },
+       "attention_group=0"},
+      {"slice group out of range",
+       [](RankPageTable& t) {
+         t.slice_groups = {0, 3};
+       },
+       "attention_group=3"},
       {"bad topology", [](RankPageTable& t) { t.topology.tp_rank = 1; }, "tp_rank=1"},
   };
   for (const Case& c : cases) {
@@ -129,6 +142,10 @@ TEST(CheckCompatible, NamesTheFieldThatDiffers) {
        "field=attention_groups self=1 peer=2"},
       {[](RankPageTable& t) { t.attention_groups[0].window = 64; },
        "field=window group=0 self=0 peer=64"},
+      {[](RankPageTable& t) {
+         t.slice_groups = {kStateSliceGroup, 0};
+       },
+       "field=slice_groups"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.message);
@@ -138,6 +155,22 @@ TEST(CheckCompatible, NamesTheFieldThatDiffers) {
                 StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr(c.message)));
   }
   EXPECT_THAT(CheckCompatible(ValidTable(), ValidTable()), IsOk());
+}
+
+TEST(CheckCompatible, RejectsALayerUnderDifferentGroups) {
+  RankPageTable self = ValidTable();
+  self.attention_groups.push_back(self.attention_groups[0]);
+  self.attention_groups[0].global_layer_ids = {0};
+  self.attention_groups[0].view.layers.pop_back();
+  self.attention_groups[1].global_layer_ids = {1};
+  self.attention_groups[1].view.layers.pop_back();
+  ASSERT_THAT(ValidatePageTable(self), IsOk());
+  RankPageTable peer = self;
+  peer.attention_groups[0].global_layer_ids = {1};
+  peer.attention_groups[1].global_layer_ids = {0};
+  EXPECT_THAT(CheckCompatible(self, peer),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("field=layer_group layer=1 self=1 peer=0")));
 }
 
 }  // namespace
