@@ -104,6 +104,24 @@ void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table,
   }
 }
 
+// Calls visit(pool, offset, value) for every state byte the rank holds in `slot`.
+// State is sharded like attention: by TP rank, or whole on a DP rank.
+template <typename Visit>
+void ForStateBytes(const RankPageTable& table, int64_t slot, Visit visit) {
+  const int64_t shard = table.topology.attention_dp ? 0 : table.topology.tp_rank;
+  for (const transfer::StateGroup& group : table.state_groups) {
+    const uint64_t base =
+        static_cast<uint64_t>(slot) * table.pools[group.pool_index].slot_bytes;
+    for (size_t i = 0; i < group.layers.size(); ++i) {
+      for (uint64_t byte = 0; byte < group.layers[i].bytes; ++byte) {
+        visit(group.pool_index, base + group.layers[i].offset + byte,
+              LogicalByte(group.global_layer_ids[i], -1 - shard, 2, 0,
+                          static_cast<int64_t>(byte)));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head,
@@ -139,6 +157,12 @@ absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats*
                       });
       }
     }
+    if (request.context_state_slot) {
+      ForStateBytes(table, *request.context_state_slot,
+                    [&](int64_t pool, uint64_t offset, uint8_t value) {
+                      memory[pool][offset] = value;
+                    });
+    }
     context.push_back(std::move(memory));
   }
 
@@ -158,6 +182,13 @@ absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats*
     writes.push_back(zero);
     expected_writes.push_back(std::move(zero));
     if (!Participates(table.topology, request.generation_dp_rank)) continue;
+    if (request.context_state_slot && request.generation_state_slot) {
+      ForStateBytes(table, *request.generation_state_slot,
+                    [&](int64_t pool, uint64_t offset, uint8_t value) {
+                      expected[q][pool][offset] = value;
+                      expected_writes[q][pool][offset] = 1;
+                    });
+    }
     for (size_t g = 0; g < model.groups.size(); ++g) {
       absl::StatusOr<transfer::WindowBlocks> window =
           transfer::ComputeWindowBlocks(request.prompt_len, model.groups[g].window, tpb);

@@ -9,6 +9,8 @@
 // checks that each generation rank holds exactly the logical KV of every token it
 // lacked, for the layers and heads it owns, written exactly once, and that every
 // other byte (cached and stale blocks, other slots, placeholder pools) is unchanged.
+// Mamba state (when the scenario has state layers and both state slots) is a
+// logical value per (layer, TP shard, byte) and must arrive likewise.
 //
 //   transfer::Scenario s = ...;
 //   EXPECT_OK(kvx::testing::CheckScenarioBytes(s));

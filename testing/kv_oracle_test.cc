@@ -19,6 +19,7 @@
 namespace kvx::testing {
 namespace {
 
+using ::testing::HasSubstr;
 using transfer::GroupSpec;
 using transfer::ModelSpec;
 using transfer::Scenario;
@@ -100,6 +101,22 @@ TEST(KvOracle, FixedTopologies) {
   }
 }
 
+TEST(KvOracle, MambaStateAcrossPipelineSplits) {
+  Scenario s;
+  s.model = SmallModel(5, 4);
+  s.model.state_layer_ids = {0, 2, 3};
+  s.model.state_bytes_per_layer = 6;
+  s.context.topology = Instance(2, {2, 3});
+  s.generation.topology = Instance(2, {4, 1});
+  s.request.prompt_len = 9;
+  s.request.context_state_slot = 1;
+  s.request.generation_state_slot = 4;
+  EXPECT_OK(CheckScenarioBytes(s));
+  s.generation.topology = Instance(4, {5});
+  EXPECT_THAT(CheckScenarioBytes(s),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("dst_tp_size=4")));
+}
+
 TEST(KvOracle, PassesPlannerErrorsThrough) {
   // A context table shorter than the prompt: the transfer needs a block it lacks.
   Scenario s;
@@ -166,6 +183,14 @@ TEST(KvOracle, RandomTopologies) {
     const int64_t total = transfer::CeilDiv(s.request.prompt_len, tpb);
     s.request.generation_cached_tokens =
         pick({0, 0, tpb, s.request.prompt_len / 2, s.request.prompt_len - 1});
+    if (pick({0, 1}) == 1) {
+      // Mamba state on every third layer; both sides must shard it alike.
+      for (int64_t l = 0; l < layers; l += 3) s.model.state_layer_ids.push_back(l);
+      s.model.state_bytes_per_layer = pick({1, 6});
+      s.generation.topology.tp_size = s.context.topology.tp_size;
+      s.request.context_state_slot = pick({0, 2});
+      s.request.generation_state_slot = pick({0, 1, 3});
+    }
     s.request.context_dp_rank = pick({0, 1, 7}) % s.context.topology.tp_size;
     s.request.generation_dp_rank = pick({0, 1, 7}) % s.generation.topology.tp_size;
     const bool shuffle = pick({0, 1}) == 1;
@@ -182,7 +207,7 @@ TEST(KvOracle, RandomTopologies) {
         " gen_tp=", s.generation.topology.tp_size,
         " gen_pp=", absl::StrJoin(s.generation.topology.layers_per_pp_rank, ","),
         " prompt=", s.request.prompt_len, " cached=", s.request.generation_cached_tokens,
-        " shuffle=", shuffle));
+        " shuffle=", shuffle, " state_layers=", s.model.state_layer_ids.size()));
     ASSERT_OK(CheckScenarioBytes(s));
   }
 }

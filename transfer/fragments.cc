@@ -108,9 +108,15 @@ SlotMap BuildGroupMap(const RankPageTable& src, const RankPageTable& dst, size_t
 }
 
 // Mamba state: per common layer, the whole state buffer. A state split across TP
-// ranks would need head-level mapping we do not know the layout of.
+// ranks would need head-level mapping we do not know the layout of, so the two
+// sides must shard it alike: equal TP sizes, or attention DP on both (whole state
+// on the request's DP rank).
 absl::Status BuildStateMaps(const RankPageTable& src, const RankPageTable& dst,
                             bool writes, std::vector<SlotMap>* maps) {
+  const Topology& s = src.topology;
+  const Topology& d = dst.topology;
+  const bool same_sharding =
+      s.attention_dp == d.attention_dp && (s.attention_dp || s.tp_size == d.tp_size);
   for (size_t a = 0; a < src.state_groups.size(); ++a) {
     for (size_t b = 0; b < dst.state_groups.size(); ++b) {
       const StateGroup& sg = src.state_groups[a];
@@ -118,6 +124,13 @@ absl::Status BuildStateMaps(const RankPageTable& src, const RankPageTable& dst,
       SlotMap map = EmptyMap(src, sg.pool_index, dst, dg.pool_index);
       absl::Status status;
       ForCommonLayers(sg.global_layer_ids, dg.global_layer_ids, [&](size_t i, size_t j) {
+        if (!same_sharding && status.ok()) {
+          status = absl::UnimplementedError(absl::StrCat(
+              "mamba state across different tp sharding: layer=", sg.global_layer_ids[i],
+              " src_tp_size=", s.tp_size, " dst_tp_size=", d.tp_size,
+              " src_attention_dp=", s.attention_dp,
+              " dst_attention_dp=", d.attention_dp));
+        }
         if (sg.layers[i].bytes != dg.layers[j].bytes && status.ok()) {
           status = absl::UnimplementedError(absl::StrCat(
               "state sizes differ between ranks: src_group=", a, " dst_group=", b,

@@ -26,6 +26,16 @@ absl::Status CheckModel(const ModelSpec& model) {
                      " element_bytes=", model.element_bytes,
                      " tokens_per_block=", model.tokens_per_block));
   }
+  const std::vector<int64_t>& state = model.state_layer_ids;
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (state[i] < 0 || state[i] >= model.num_layers ||
+        (i > 0 && state[i] <= state[i - 1]) || model.state_bytes_per_layer == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "state layer ids must increase inside the model, with nonzero state: index=", i,
+          " layer=", state[i], " num_layers=", model.num_layers,
+          " state_bytes_per_layer=", model.state_bytes_per_layer));
+    }
+  }
   for (size_t g = 0; g < model.groups.size(); ++g) {
     const std::vector<int64_t>& ids = model.groups[g].global_layer_ids;
     for (size_t i = 0; i < ids.size(); ++i) {
@@ -88,9 +98,11 @@ absl::StatusOr<KVSlice> BuildSlice(const ModelSpec& model, const ScenarioRequest
 }
 
 int64_t SlotsFor(const InstanceSpec& instance, const ScenarioRequest& request,
-                 const std::vector<BlockList>& tables, int64_t tokens_per_block) {
+                 const std::vector<BlockList>& tables, int64_t tokens_per_block,
+                 std::optional<int64_t> state_slot) {
   if (instance.num_slots > 0) return instance.num_slots;
   int64_t slots = std::max<int64_t>(1, CeilDiv(request.prompt_len, tokens_per_block));
+  if (state_slot) slots = std::max(slots, *state_slot + 1);
   for (const BlockList& table : tables) {
     for (int64_t id : table) slots = std::max(slots, id + 1);
   }
@@ -181,6 +193,22 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
     overflow |= __builtin_add_overflow(cursor, mul(slot_bytes, num_slots), &cursor);
     table.attention_groups.push_back(std::move(group));
   }
+  StateGroup state;
+  for (int64_t id : model.state_layer_ids) {
+    if (id < span.first || id >= span.end) continue;
+    state.layers.push_back(
+        StateBuffer{mul(state.global_layer_ids.size(), model.state_bytes_per_layer),
+                    model.state_bytes_per_layer});
+    state.global_layer_ids.push_back(id);
+  }
+  if (!state.global_layer_ids.empty()) {
+    const uint64_t slot_bytes =
+        mul(state.global_layer_ids.size(), model.state_bytes_per_layer);
+    state.pool_index = static_cast<int64_t>(table.pools.size());
+    table.pools.push_back(Pool{cursor, slot_bytes, num_slots, PoolRole::kMambaState});
+    overflow |= __builtin_add_overflow(cursor, mul(slot_bytes, num_slots), &cursor);
+    table.state_groups.push_back(std::move(state));
+  }
   if (overflow) {
     return absl::InvalidArgumentError(absl::StrCat(
         "standard layout does not fit 64-bit addresses: num_layers=", model.num_layers,
@@ -220,12 +248,12 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario) {
   absl::StatusOr<std::vector<RankPageTable>> context_tables =
       BuildInstance(model, scenario.context,
                     SlotsFor(scenario.context, request, request.context_tables,
-                             model.tokens_per_block));
+                             model.tokens_per_block, request.context_state_slot));
   if (!context_tables.ok()) return context_tables.status();
   absl::StatusOr<std::vector<RankPageTable>> generation_tables =
       BuildInstance(model, scenario.generation,
                     SlotsFor(scenario.generation, request, request.generation_tables,
-                             model.tokens_per_block));
+                             model.tokens_per_block, request.generation_state_slot));
   if (!generation_tables.ok()) return generation_tables.status();
   result.context_tables = *std::move(context_tables);
   result.generation_tables = *std::move(generation_tables);
@@ -234,6 +262,8 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario) {
   const DpRanks dp{request.context_dp_rank, request.generation_dp_rank};
   PlanContext context;
   context.request_id = request.request_id;
+  context.src_state_slot = request.context_state_slot;
+  context.dst_state_slot = request.generation_state_slot;
   for (size_t c = 0; c < result.context_tables.size(); ++c) {
     const RankPageTable& sender = result.context_tables[c];
     absl::StatusOr<std::vector<PeerLink>> links = ComputePeerOverlap(

@@ -12,7 +12,8 @@
 // Standard layout: one pool per attention group; a slot holds the group's local
 // layers in order, each as K then V (MLA: the latent only), each buffer
 // [head][token-in-block][dim]. A group with no layer on a rank gets a one-byte
-// placeholder slot.
+// placeholder slot. State layers, when the rank holds any, get one more pool
+// (role kMambaState) whose slot holds each local state layer's bytes in order.
 //
 // Example: Llama-70B-like, TP4 context to TP8 generation, 8k-token prompt.
 //
@@ -62,6 +63,11 @@ struct ModelSpec {
   int64_t tokens_per_block = 0;
   bool is_mla = false;
   std::vector<GroupSpec> groups;
+  // Mamba-style layers with per-request state (strictly increasing) and the state
+  // bytes of one layer on one rank. Planned only between alike-sharded instances
+  // (FragmentPlanner: equal TP sizes, or attention DP on both).
+  std::vector<int64_t> state_layer_ids;
+  uint64_t state_bytes_per_layer = 0;
 };
 
 // {0, 1, ..., num_layers - 1}.
@@ -97,6 +103,9 @@ struct ScenarioRequest {
   // The request's DP rank on each side (used with attention_dp only).
   int64_t context_dp_rank = 0;
   int64_t generation_dp_rank = 0;
+  // The request's state slot on each side; state moves only when both are set.
+  std::optional<int64_t> context_state_slot;
+  std::optional<int64_t> generation_state_slot;
 };
 
 struct Scenario {
