@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "absl/base/attributes.h"
 #include "absl/status/status.h"
 #include "transfer/scenario.h"
 
@@ -42,8 +43,8 @@ struct OracleStats {
 // above. Returns the planner's error unchanged, or DataLoss naming the generation
 // rank, pool, offset, expected and actual byte and write count of the first
 // mismatch. `stats` may be null.
-absl::Status CheckScenarioBytes(const transfer::Scenario& scenario,
-                                OracleStats* stats = nullptr);
+ABSL_MUST_USE_RESULT absl::Status CheckScenarioBytes(const transfer::Scenario& scenario,
+                                                     OracleStats* stats = nullptr);
 
 }  // namespace kvx::testing
 

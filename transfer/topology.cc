@@ -120,6 +120,8 @@ absl::StatusOr<RankLink> LinkRanks(const Topology& sender, const Topology& recei
     return s;
   }
   RankLink link;
+  link.sender_duplicates = sender_shard->duplicates;
+  link.receiver_duplicates = receiver_shard->duplicates;
   if ((sender.attention_dp && sender.tp_rank != sender_dp_rank) ||
       (receiver.attention_dp && receiver.tp_rank != receiver_dp_rank)) {
     return link;
@@ -155,8 +157,11 @@ absl::StatusOr<std::vector<PeerLink>> ComputePeerOverlap(const Topology& self,
               : LinkRanks(peer_rank, self, heads, dp_ranks.peer, dp_ranks.self);
       if (!link.ok()) return link.status();
       if (!link->overlaps) continue;
-      links.push_back(PeerLink{pp * peer.tp_size + tp, tp, pp, link->layers, link->heads,
-                               link->writes});
+      const bool send = direction == Direction::kSend;
+      links.push_back(PeerLink{
+          pp * peer.tp_size + tp, tp, pp, link->layers, link->heads, link->writes,
+          send ? link->sender_duplicates : link->receiver_duplicates,
+          send ? link->receiver_duplicates : link->sender_duplicates});
     }
   }
   return links;

@@ -109,6 +109,10 @@ struct PeerLink {
   // True when the sender of this pair writes bytes; false for a replica that sends
   // an empty write and only reports.
   bool writes = false;
+  // Duplicate-head factors: how many TP ranks of each instance hold the same heads
+  // as self (HeadShard::duplicates), resp. as this peer rank.
+  int64_t self_duplicates = 1;
+  int64_t peer_duplicates = 1;
 };
 
 // For rank `self` and the peer instance `peer` (its tp_rank/pp_rank are ignored),
@@ -128,6 +132,8 @@ struct RankLink {
   bool writes = false;
   Span layers;
   Span heads;
+  int64_t sender_duplicates = 1;
+  int64_t receiver_duplicates = 1;
 };
 ABSL_MUST_USE_RESULT absl::StatusOr<RankLink> LinkRanks(const Topology& sender,
                                                         const Topology& receiver,

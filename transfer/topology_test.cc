@@ -168,6 +168,20 @@ TEST(ComputePeerOverlap, ReportsSpans) {
   EXPECT_EQ(links[3].peer_rank, 7);
   EXPECT_EQ(links[3].layers.first, 5);
   EXPECT_EQ(links[3].heads.first, 6);
+  EXPECT_EQ(links[3].self_duplicates, 1);
+  EXPECT_EQ(links[3].peer_duplicates, 1);
+}
+
+TEST(ComputePeerOverlap, ReportsDuplicateHeadFactors) {
+  // 2 heads: TP8 holds each 4 times, TP2 once.
+  ASSERT_OK_AND_ASSIGN(std::vector<PeerLink> links,
+                       ComputePeerOverlap(Make(2, 1, {4}), Make(8, 0, {4}), {2, false},
+                                          Direction::kReceive, {}));
+  ASSERT_EQ(links.size(), 4u);
+  EXPECT_EQ(links[0].peer_rank, 4);
+  EXPECT_EQ(links[0].self_duplicates, 1);
+  EXPECT_EQ(links[0].peer_duplicates, 4);
+  EXPECT_EQ(links[1].writes, true);  // sender 5: 5 % 4 == 1 % 4
 }
 
 TEST(ComputePeerOverlap, RejectsMismatchedInstances) {
