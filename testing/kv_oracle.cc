@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -130,6 +131,18 @@ uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head,
       Mix((static_cast<uint64_t>(layer) << 44) ^ (static_cast<uint64_t>(token) << 24) ^
           (static_cast<uint64_t>(kv) << 60) ^ (static_cast<uint64_t>(head) << 16) ^
           static_cast<uint64_t>(byte)));
+}
+
+transfer::ModelSpec TinyModel(int64_t layers, int64_t heads, bool is_mla) {
+  transfer::ModelSpec m;
+  m.num_layers = layers;
+  m.num_kv_heads = heads;
+  m.head_size = 2;
+  m.element_bytes = 2;
+  m.tokens_per_block = 4;
+  m.is_mla = is_mla;
+  m.groups = {transfer::GroupSpec{std::nullopt, transfer::AllLayers(layers)}};
+  return m;
 }
 
 absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats* stats) {

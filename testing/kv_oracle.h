@@ -32,6 +32,11 @@ namespace kvx::testing {
 // (layer, token, kv: 0 = K or latent, 1 = V, head).
 uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head, int64_t byte);
 
+// A tiny model for byte-level tests: `layers` full-attention layers in one group,
+// tokens per block 4, head size 2, 2-byte elements (one head of one block is 16
+// bytes).
+transfer::ModelSpec TinyModel(int64_t layers, int64_t heads, bool is_mla = false);
+
 // What the oracle saw.
 struct OracleStats {
   int64_t writes = 0;  // fragments applied

@@ -31,18 +31,6 @@ Topology Instance(int64_t tp, std::vector<int64_t> layers_per_pp, bool dp = fals
   return t;
 }
 
-ModelSpec SmallModel(int64_t layers, int64_t heads, bool mla = false) {
-  ModelSpec m;
-  m.num_layers = layers;
-  m.num_kv_heads = heads;
-  m.head_size = 2;
-  m.element_bytes = 2;
-  m.tokens_per_block = 4;
-  m.is_mla = mla;
-  m.groups = {GroupSpec{std::nullopt, transfer::AllLayers(layers)}};
-  return m;
-}
-
 // A permutation of [0, n) ids drawn from `slots` slots: block ids need not be
 // contiguous or ordered.
 std::vector<int64_t> Shuffled(std::mt19937_64& rng, int64_t n, int64_t slots) {
@@ -62,28 +50,28 @@ TEST(KvOracle, FixedTopologies) {
     int64_t prompt_len;
     int64_t cached;
   };
-  ModelSpec swa = SmallModel(4, 4);
+  ModelSpec swa = TinyModel(4, 4);
   swa.groups = {GroupSpec{std::nullopt, {0, 2}}, GroupSpec{8, {1, 3}}};
   const Case cases[] = {
-      {"identical", SmallModel(4, 4), Instance(1, {4}), Instance(1, {4}), 17, 0},
-      {"identical tp2", SmallModel(4, 4), Instance(2, {4}), Instance(2, {4}), 16, 4},
-      {"pp2 to pp1", SmallModel(5, 2), Instance(1, {2, 3}), Instance(1, {5}), 9, 0},
-      {"pp1 to pp3 uneven", SmallModel(7, 2), Instance(1, {7}), Instance(1, {1, 4, 2}),
-       13, 8},
-      {"tp2 to tp4", SmallModel(3, 4), Instance(2, {3}), Instance(4, {3}), 12, 0},
-      {"tp4 to tp1", SmallModel(3, 4), Instance(4, {3}), Instance(1, {3}), 5, 4},
-      {"replicated tp8 to tp2", SmallModel(2, 2), Instance(8, {2}), Instance(2, {2}), 9,
+      {"identical", TinyModel(4, 4), Instance(1, {4}), Instance(1, {4}), 17, 0},
+      {"identical tp2", TinyModel(4, 4), Instance(2, {4}), Instance(2, {4}), 16, 4},
+      {"pp2 to pp1", TinyModel(5, 2), Instance(1, {2, 3}), Instance(1, {5}), 9, 0},
+      {"pp1 to pp3 uneven", TinyModel(7, 2), Instance(1, {7}), Instance(1, {1, 4, 2}), 13,
+       8},
+      {"tp2 to tp4", TinyModel(3, 4), Instance(2, {3}), Instance(4, {3}), 12, 0},
+      {"tp4 to tp1", TinyModel(3, 4), Instance(4, {3}), Instance(1, {3}), 5, 4},
+      {"replicated tp8 to tp2", TinyModel(2, 2), Instance(8, {2}), Instance(2, {2}), 9,
        0},
-      {"replicated tp2 to tp8", SmallModel(2, 2), Instance(2, {2}), Instance(8, {2}), 9,
+      {"replicated tp2 to tp8", TinyModel(2, 2), Instance(2, {2}), Instance(8, {2}), 9,
        0},
-      {"replicated tp4 to tp8, 2 heads", SmallModel(2, 2), Instance(4, {2}),
+      {"replicated tp4 to tp8, 2 heads", TinyModel(2, 2), Instance(4, {2}),
        Instance(8, {2}), 4, 0},
-      {"mla tp4 to tp2 pp2", SmallModel(4, 8, true), Instance(4, {4}),
-       Instance(2, {1, 3}), 11, 4},
-      {"attention dp", SmallModel(3, 4), Instance(2, {3}, true), Instance(4, {3}, true),
+      {"mla tp4 to tp2 pp2", TinyModel(4, 8, true), Instance(4, {4}), Instance(2, {1, 3}),
+       11, 4},
+      {"attention dp", TinyModel(3, 4), Instance(2, {3}, true), Instance(4, {3}, true),
        10, 0},
       {"windowed groups", swa, Instance(2, {2, 2}), Instance(4, {4}), 21, 4},
-      {"one token", SmallModel(2, 2), Instance(2, {2}), Instance(1, {1, 1}), 1, 0},
+      {"one token", TinyModel(2, 2), Instance(2, {2}), Instance(1, {1, 1}), 1, 0},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -103,7 +91,7 @@ TEST(KvOracle, FixedTopologies) {
 
 TEST(KvOracle, MambaStateAcrossPipelineSplits) {
   Scenario s;
-  s.model = SmallModel(5, 4);
+  s.model = TinyModel(5, 4);
   s.model.state_layer_ids = {0, 2, 3};
   s.model.state_bytes_per_layer = 6;
   s.context.topology = Instance(2, {2, 3});
@@ -120,7 +108,7 @@ TEST(KvOracle, MambaStateAcrossPipelineSplits) {
 TEST(KvOracle, PassesPlannerErrorsThrough) {
   // A context table shorter than the prompt: the transfer needs a block it lacks.
   Scenario s;
-  s.model = SmallModel(2, 2);
+  s.model = TinyModel(2, 2);
   s.context.topology = Instance(1, {2});
   s.generation.topology = Instance(1, {2});
   s.request.prompt_len = 8;
@@ -159,7 +147,7 @@ TEST(KvOracle, RandomTopologies) {
     const int64_t layers = pick({4, 5, 7, 8});
     const bool mla = pick({0, 0, 0, 1}) == 1;
     const int64_t heads = pick({1, 2, 4, 8});
-    ModelSpec model = SmallModel(layers, heads, mla);
+    ModelSpec model = TinyModel(layers, heads, mla);
     const int64_t tpb = model.tokens_per_block;
     const int64_t window = pick({0, 6, 8, 12});
     if (window > 0) {

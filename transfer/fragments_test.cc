@@ -7,6 +7,7 @@
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/kv_oracle.h"
 #include "testing/status_matchers.h"
 #include "transfer/page_table.h"
 #include "transfer/scenario.h"
@@ -18,20 +19,9 @@ namespace {
 
 using ::kvx::testing::IsOk;
 using ::kvx::testing::StatusIs;
+using ::kvx::testing::TinyModel;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-// tpb 4, head size 2, 2-byte elements: one head of one block is 16 bytes.
-ModelSpec Model(int64_t layers, int64_t heads) {
-  ModelSpec m;
-  m.num_layers = layers;
-  m.num_kv_heads = heads;
-  m.head_size = 2;
-  m.element_bytes = 2;
-  m.tokens_per_block = 4;
-  m.groups = {GroupSpec{std::nullopt, AllLayers(layers)}};
-  return m;
-}
 
 RankPageTable Table(const ModelSpec& model, const Topology& topology) {
   absl::StatusOr<RankPageTable> table =
@@ -58,7 +48,7 @@ TEST(AppendCoalesced, MergesOnlyWhenBothSidesContinue) {
 }
 
 TEST(FragmentPlanner, WholeSlotsCoalesceAcrossConsecutiveBlocks) {
-  const ModelSpec model = Model(2, 2);  // slot: 2 layers x K,V x 32 bytes = 128
+  const ModelSpec model = TinyModel(2, 2);  // slot: 2 layers x K,V x 32 bytes = 128
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
                        FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
                                                Table(model, MakeTopology(1, {2}, 0))));
@@ -73,7 +63,7 @@ TEST(FragmentPlanner, WholeSlotsCoalesceAcrossConsecutiveBlocks) {
 }
 
 TEST(FragmentPlanner, LayerRunAtEachSidesOffset) {
-  const ModelSpec model = Model(4, 2);
+  const ModelSpec model = TinyModel(4, 2);
   // Context PP stage 1 holds layers 2-3 (slot 128); generation PP1 all 4 (slot 256).
   ASSERT_OK_AND_ASSIGN(
       FragmentPlanner planner,
@@ -87,7 +77,7 @@ TEST(FragmentPlanner, LayerRunAtEachSidesOffset) {
 }
 
 TEST(FragmentPlanner, HeadRunPerLayerAndKv) {
-  const ModelSpec model = Model(1, 2);
+  const ModelSpec model = TinyModel(1, 2);
   // Context TP1 holds heads 0-1 (K 32, V 32); generation TP2 rank 1 holds head 1.
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
                        FragmentPlanner::Create(Table(model, MakeTopology(1, {1}, 0)),
@@ -102,7 +92,7 @@ TEST(FragmentPlanner, HeadRunPerLayerAndKv) {
 TEST(FragmentPlanner, ReplicatedHeadsWithUnequalHeadsPerRankMapOneHead) {
   // 2 heads; context TP4 holds one head per rank (each twice); generation TP1 holds
   // both. Context rank 2 (head 1) writes head 1 only, never a whole slot.
-  const ModelSpec model = Model(2, 2);
+  const ModelSpec model = TinyModel(2, 2);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
                        FragmentPlanner::Create(Table(model, MakeTopology(4, {2}, 2)),
                                                Table(model, MakeTopology(1, {2}, 0))));
@@ -115,7 +105,7 @@ TEST(FragmentPlanner, ReplicatedHeadsWithUnequalHeadsPerRankMapOneHead) {
 }
 
 TEST(FragmentPlanner, ReplicaSendsEmptyWriteButChecksBlocks) {
-  const ModelSpec model = Model(2, 1);
+  const ModelSpec model = TinyModel(2, 1);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
                        FragmentPlanner::Create(Table(model, MakeTopology(2, {2}, 1)),
                                                Table(model, MakeTopology(1, {2}, 0))));
@@ -128,7 +118,7 @@ TEST(FragmentPlanner, ReplicaSendsEmptyWriteButChecksBlocks) {
 }
 
 TEST(FragmentPlanner, RejectsBadPairsBeforeEmitting) {
-  const ModelSpec model = Model(2, 2);
+  const ModelSpec model = TinyModel(2, 2);
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
                        FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
                                                Table(model, MakeTopology(1, {2}, 0))));
@@ -150,7 +140,7 @@ TEST(FragmentPlanner, RejectsBadPairsBeforeEmitting) {
 }
 
 TEST(FragmentPlanner, RejectsIncompatibleOrMalformedPeers) {
-  const ModelSpec model = Model(2, 2);
+  const ModelSpec model = TinyModel(2, 2);
   ModelSpec other = model;
   other.tokens_per_block = 8;
   EXPECT_THAT(FragmentPlanner::Create(Table(model, MakeTopology(1, {2}, 0)),
@@ -164,7 +154,7 @@ TEST(FragmentPlanner, RejectsIncompatibleOrMalformedPeers) {
 }
 
 TEST(FragmentPlanner, CopiesMambaStatePerCommonLayer) {
-  const ModelSpec model = Model(4, 2);
+  const ModelSpec model = TinyModel(4, 2);
   RankPageTable src = Table(model, MakeTopology(1, {2, 2}, 0, 1));
   RankPageTable dst = Table(model, MakeTopology(1, {4}, 0));
   src.pools.push_back(Pool{uint64_t{1} << 48, 64, 4, PoolRole::kMambaState});
@@ -191,7 +181,7 @@ TEST(FragmentPlanner, CopiesMambaStatePerCommonLayer) {
 TEST(FragmentPlanner, SkipsMambaSliceGroups) {
   // A hybrid model's slices list a Mamba group (always empty) before the attention
   // group; pairings follow the slice order.
-  const ModelSpec model = Model(2, 2);
+  const ModelSpec model = TinyModel(2, 2);
   RankPageTable table = Table(model, MakeTopology(1, {2}));
   table.slice_groups = {kStateSliceGroup, 0};
   ASSERT_OK_AND_ASSIGN(FragmentPlanner planner, FragmentPlanner::Create(table, table));
@@ -207,7 +197,7 @@ TEST(FragmentPlanner, SkipsMambaSliceGroups) {
 }
 
 TEST(ValidateFragments, RejectsFragmentsOutsidePools) {
-  const ModelSpec model = Model(2, 2);
+  const ModelSpec model = TinyModel(2, 2);
   const RankPageTable table = Table(model, MakeTopology(1, {2}, 0));  // 16 slots of 128
   EXPECT_THAT(ValidateFragments({Fragment{0, 0, 0, 1920, 128}}, table, table), IsOk());
   EXPECT_THAT(ValidateFragments({Fragment{0, 0, 0, 1921, 128}}, table, table),
