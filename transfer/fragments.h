@@ -18,7 +18,8 @@
 // extends it, so consecutive block ids with whole-slot copies become one write.
 // Offsets are relative to each side's pool (index into RankPageTable::pools), so a
 // plan does not depend on virtual addresses. Every block id is checked against its
-// pool's slot count before anything is emitted.
+// pool's slot count before anything is emitted. Mamba state, when both state
+// slots are given, moves per common layer (one piece per contiguous run).
 //
 // Example (sender side, one request):
 //
@@ -92,8 +93,9 @@ class FragmentPlanner {
   // Validates both tables (ValidatePageTable), checks them compatible
   // (CheckCompatible: FailedPrecondition), links the ranks (LinkRanks, with each
   // side's own TP rank as the request's DP rank) and builds each group's mapping.
-  // Errors: those, and Unimplemented for a state group whose per-layer state
-  // sizes differ between the sides (Mamba across different TP sizes).
+  // Errors: those, and Unimplemented for Mamba state layers both hold when the
+  // sides shard state differently (TP sizes differ, attention DP on one side
+  // only) or a layer's state size differs.
   ABSL_MUST_USE_RESULT static absl::StatusOr<FragmentPlanner> Create(
       const RankPageTable& src, const RankPageTable& dst);
 
