@@ -1,0 +1,56 @@
+// File: testing/kv_oracle.h
+//
+// A byte-level oracle for fragment plans. The model's KV cache is a logical tensor
+// [layer][token][kv][head][dim] whose every byte has a deterministic value
+// (LogicalByte). CheckScenarioBytes shards it onto the context ranks of a
+// Scenario (through each rank's advertised page table and its TP/PP position,
+// computed here independently of the planner), fills every generation rank with
+// guard bytes, applies every (context rank, generation rank) plan with memcpy, and
+// checks that each generation rank holds exactly the logical KV of every token it
+// lacked, for the layers and heads it owns, written exactly once, and that every
+// other byte (cached and stale blocks, other slots, placeholder pools) is unchanged.
+// Mamba state (when the scenario has state layers and both state slots) is a
+// logical value per (layer, TP shard, byte) and must arrive likewise.
+//
+//   transfer::Scenario s = ...;
+//   EXPECT_OK(kvx::testing::CheckScenarioBytes(s));
+//
+// Thread safety: pure; allocates the ranks' memory for the duration of the call.
+
+#ifndef KVX_TESTING_KV_ORACLE_H_
+#define KVX_TESTING_KV_ORACLE_H_
+
+#include <cstdint>
+
+#include "absl/base/attributes.h"
+#include "absl/status/status.h"
+#include "transfer/scenario.h"
+
+namespace kvx::testing {
+
+// The value of byte `byte` (of the element's dim-major bytes) of the logical KV at
+// (layer, token, kv: 0 = K or latent, 1 = V, head).
+uint8_t LogicalByte(int64_t layer, int64_t token, int64_t kv, int64_t head, int64_t byte);
+
+// A tiny model for byte-level tests: `layers` full-attention layers in one group,
+// tokens per block 4, head size 2, 2-byte elements (one head of one block is 16
+// bytes).
+transfer::ModelSpec TinyModel(int64_t layers, int64_t heads, bool is_mla = false);
+
+// What the oracle saw.
+struct OracleStats {
+  int64_t writes = 0;  // fragments applied
+  uint64_t bytes_copied = 0;
+  uint64_t bytes_checked = 0;
+};
+
+// Plans `scenario` with transfer::PlanScenario and checks the bytes as described
+// above. Returns the planner's error unchanged, or DataLoss naming the generation
+// rank, pool, offset, expected and actual byte and write count of the first
+// mismatch. `stats` may be null.
+ABSL_MUST_USE_RESULT absl::Status CheckScenarioBytes(const transfer::Scenario& scenario,
+                                                     OracleStats* stats = nullptr);
+
+}  // namespace kvx::testing
+
+#endif  // KVX_TESTING_KV_ORACLE_H_

@@ -1,0 +1,301 @@
+#include "transfer/scenario.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "transfer/fragments.h"
+#include "transfer/page_table.h"
+#include "transfer/slice.h"
+#include "transfer/topology.h"
+
+namespace kvx::transfer {
+namespace {
+
+absl::Status CheckModel(const ModelSpec& model) {
+  if (model.num_layers <= 0 || model.num_kv_heads <= 0 || model.head_size <= 0 ||
+      model.element_bytes <= 0 || model.tokens_per_block <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model sizes must be positive: num_layers=", model.num_layers,
+                     " num_kv_heads=", model.num_kv_heads, " head_size=", model.head_size,
+                     " element_bytes=", model.element_bytes,
+                     " tokens_per_block=", model.tokens_per_block));
+  }
+  const std::vector<int64_t>& state = model.state_layer_ids;
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (state[i] < 0 || state[i] >= model.num_layers ||
+        (i > 0 && state[i] <= state[i - 1]) || model.state_bytes_per_layer == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "state layer ids must increase inside the model, with nonzero state: index=", i,
+          " layer=", state[i], " num_layers=", model.num_layers,
+          " state_bytes_per_layer=", model.state_bytes_per_layer));
+    }
+  }
+  for (size_t g = 0; g < model.groups.size(); ++g) {
+    const std::vector<int64_t>& ids = model.groups[g].global_layer_ids;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (ids[i] < 0 || ids[i] >= model.num_layers || (i > 0 && ids[i] <= ids[i - 1])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "group layer ids must increase inside the model: group=", g, " index=", i,
+            " layer=", ids[i], " num_layers=", model.num_layers));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// SEMANTICS.md section 4: the suffix of the positional table that travels.
+absl::StatusOr<KVSlice> BuildSlice(const ModelSpec& model, const ScenarioRequest& request,
+                                   const std::vector<BlockList>& tables,
+                                   int64_t cached_tokens, const char* side) {
+  KVSlice slice;
+  slice.is_last_slice = true;
+  if (request.prompt_len > 0) {
+    absl::StatusOr<TokenRange> range = TokenRange::Create(0, request.prompt_len);
+    if (!range.ok()) return range.status();
+    slice.token_range = *range;
+  }
+  if (!tables.empty() && tables.size() != model.groups.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(side, " tables need one entry per group: tables=", tables.size(),
+                     " groups=", model.groups.size()));
+  }
+  for (size_t g = 0; g < model.groups.size(); ++g) {
+    absl::StatusOr<WindowBlocks> blocks = ComputeWindowBlocks(
+        request.prompt_len, model.groups[g].window, model.tokens_per_block);
+    if (!blocks.ok()) return blocks.status();
+    const int64_t total = blocks->total_blocks;
+    const int64_t first =
+        std::max(blocks->stale_end, cached_tokens / model.tokens_per_block);
+    BlockList table;
+    if (tables.empty() || tables[g].empty()) {
+      for (int64_t b = 0; b < total; ++b) table.push_back(b);
+    } else {
+      table = tables[g];
+    }
+    if (static_cast<int64_t>(table.size()) < total) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          side, " block table shorter than the prompt: request=", request.request_id,
+          " group=", g, " len=", table.size(), " total=", total));
+    }
+    BlockList list;
+    for (int64_t b = first; b < total; ++b) {
+      if (table[b] < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            side, " block needed by the transfer is gone: request=", request.request_id,
+            " group=", g, " block=", b));
+      }
+      list.push_back(table[b]);
+    }
+    slice.block_ids_per_layer_group.push_back(std::move(list));
+  }
+  return slice;
+}
+
+int64_t SlotsFor(const InstanceSpec& instance, const ScenarioRequest& request,
+                 const std::vector<BlockList>& tables, int64_t tokens_per_block,
+                 std::optional<int64_t> state_slot) {
+  if (instance.num_slots > 0) return instance.num_slots;
+  int64_t slots = std::max<int64_t>(1, CeilDiv(request.prompt_len, tokens_per_block));
+  if (state_slot) slots = std::max(slots, *state_slot + 1);
+  for (const BlockList& table : tables) {
+    for (int64_t id : table) slots = std::max(slots, id + 1);
+  }
+  return slots;
+}
+
+absl::StatusOr<std::vector<RankPageTable>> BuildInstance(const ModelSpec& model,
+                                                         const InstanceSpec& instance,
+                                                         int64_t num_slots) {
+  std::vector<RankPageTable> tables;
+  Topology rank = instance.topology;
+  for (int64_t pp = 0; pp < rank.pp_size; ++pp) {
+    for (int64_t tp = 0; tp < rank.tp_size; ++tp) {
+      rank.pp_rank = pp;
+      rank.tp_rank = tp;
+      // Any base works: plans are pool-relative. A nonzero one catches code that
+      // confuses offsets with addresses.
+      absl::StatusOr<RankPageTable> table =
+          BuildStandardPageTable(model, rank, num_slots, uint64_t{1} << 40);
+      if (!table.ok()) return table.status();
+      tables.push_back(*std::move(table));
+    }
+  }
+  return tables;
+}
+
+}  // namespace
+
+std::vector<int64_t> AllLayers(int64_t num_layers) {
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < num_layers; ++i) ids.push_back(i);
+  return ids;
+}
+
+absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
+                                                     const Topology& topology,
+                                                     int64_t num_slots,
+                                                     uint64_t base_address) {
+  if (absl::Status s = CheckModel(model); !s.ok()) return s;
+  if (absl::Status s = ValidateTopology(topology); !s.ok()) return s;
+  if (TotalLayers(topology) != model.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pp layer split disagrees with the model: num_layers=", model.num_layers,
+        " split_layers=", TotalLayers(topology)));
+  }
+  if (num_slots <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_slots must be positive: num_slots=", num_slots));
+  }
+  absl::StatusOr<HeadShard> shard =
+      TpHeadShard(topology, HeadModel{model.num_kv_heads, model.is_mla});
+  if (!shard.ok()) return shard.status();
+  RankPageTable table;
+  table.tokens_per_block = model.tokens_per_block;
+  table.head_size = model.head_size;
+  table.element_bytes = model.element_bytes;
+  table.num_kv_heads = model.num_kv_heads;
+  table.is_mla = model.is_mla;
+  table.topology = topology;
+  const Span span = PpLayerSpan(topology);
+  // Sizes come from the caller's model: check every product and sum.
+  bool overflow = false;
+  auto mul = [&overflow](uint64_t a, uint64_t b) {
+    uint64_t product = 0;
+    overflow |= __builtin_mul_overflow(a, b, &product);
+    return product;
+  };
+  const uint64_t buffer_bytes =
+      mul(mul(mul(shard->heads.size(), model.tokens_per_block), model.head_size),
+          model.element_bytes);
+  const uint64_t buffers_per_layer = model.is_mla ? 1 : 2;
+  uint64_t cursor = base_address;
+  for (const GroupSpec& spec : model.groups) {
+    AttentionGroup group;
+    group.window = spec.window;
+    group.kv_heads_per_rank = shard->heads.size();
+    group.view.pool_index = static_cast<int64_t>(table.pools.size());
+    for (int64_t id : spec.global_layer_ids) {
+      if (id < span.first || id >= span.end) continue;
+      const uint64_t k =
+          mul(mul(group.global_layer_ids.size(), buffers_per_layer), buffer_bytes);
+      group.global_layer_ids.push_back(id);
+      group.view.layers.push_back(LayerBuffers{k, k + buffer_bytes});
+    }
+    const uint64_t slot_bytes = std::max<uint64_t>(
+        1, mul(mul(group.global_layer_ids.size(), buffers_per_layer), buffer_bytes));
+    table.pools.push_back(Pool{cursor, slot_bytes, num_slots, PoolRole::kKVCache});
+    overflow |= __builtin_add_overflow(cursor, mul(slot_bytes, num_slots), &cursor);
+    table.attention_groups.push_back(std::move(group));
+  }
+  StateGroup state;
+  for (int64_t id : model.state_layer_ids) {
+    if (id < span.first || id >= span.end) continue;
+    state.layers.push_back(
+        StateBuffer{mul(state.global_layer_ids.size(), model.state_bytes_per_layer),
+                    model.state_bytes_per_layer});
+    state.global_layer_ids.push_back(id);
+  }
+  if (!state.global_layer_ids.empty()) {
+    const uint64_t slot_bytes =
+        mul(state.global_layer_ids.size(), model.state_bytes_per_layer);
+    state.pool_index = static_cast<int64_t>(table.pools.size());
+    table.pools.push_back(Pool{cursor, slot_bytes, num_slots, PoolRole::kMambaState});
+    overflow |= __builtin_add_overflow(cursor, mul(slot_bytes, num_slots), &cursor);
+    table.state_groups.push_back(std::move(state));
+  }
+  if (overflow) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "standard layout does not fit 64-bit addresses: num_layers=", model.num_layers,
+        " num_kv_heads=", model.num_kv_heads, " head_size=", model.head_size,
+        " num_slots=", num_slots, " base=", base_address));
+  }
+  if (absl::Status s = ValidatePageTable(table); !s.ok()) return s;
+  return table;
+}
+
+absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario) {
+  const ModelSpec& model = scenario.model;
+  const ScenarioRequest& request = scenario.request;
+  if (absl::Status s = CheckModel(model); !s.ok()) return s;
+  if (request.prompt_len < 0 || request.generation_cached_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt and cached lengths must not be negative: prompt_len=", request.prompt_len,
+        " cached=", request.generation_cached_tokens));
+  }
+  absl::StatusOr<KVSlice> src =
+      BuildSlice(model, request, request.context_tables, 0, "context");
+  if (!src.ok()) return src.status();
+  absl::StatusOr<KVSlice> dst =
+      BuildSlice(model, request, request.generation_tables,
+                 request.generation_cached_tokens, "generation");
+  if (!dst.ok()) return dst.status();
+  PairingOptions options;
+  options.tokens_per_block = model.tokens_per_block;
+  options.prompt_len = request.prompt_len;
+  options.request_id = request.request_id;
+  for (const GroupSpec& group : model.groups) options.windows.push_back(group.window);
+  absl::StatusOr<std::vector<GroupPairing>> pairings =
+      PairSliceBlocks(*src, *dst, options);
+  if (!pairings.ok()) return pairings.status();
+
+  ScenarioPlan result;
+  absl::StatusOr<std::vector<RankPageTable>> context_tables =
+      BuildInstance(model, scenario.context,
+                    SlotsFor(scenario.context, request, request.context_tables,
+                             model.tokens_per_block, request.context_state_slot));
+  if (!context_tables.ok()) return context_tables.status();
+  absl::StatusOr<std::vector<RankPageTable>> generation_tables =
+      BuildInstance(model, scenario.generation,
+                    SlotsFor(scenario.generation, request, request.generation_tables,
+                             model.tokens_per_block, request.generation_state_slot));
+  if (!generation_tables.ok()) return generation_tables.status();
+  result.context_tables = *std::move(context_tables);
+  result.generation_tables = *std::move(generation_tables);
+
+  const HeadModel heads{model.num_kv_heads, model.is_mla};
+  const DpRanks dp{request.context_dp_rank, request.generation_dp_rank};
+  PlanContext context;
+  context.request_id = request.request_id;
+  context.src_state_slot = request.context_state_slot;
+  context.dst_state_slot = request.generation_state_slot;
+  for (size_t c = 0; c < result.context_tables.size(); ++c) {
+    const RankPageTable& sender = result.context_tables[c];
+    absl::StatusOr<std::vector<PeerLink>> links = ComputePeerOverlap(
+        sender.topology, scenario.generation.topology, heads, Direction::kSend, dp);
+    if (!links.ok()) return links.status();
+    for (const PeerLink& link : *links) {
+      absl::StatusOr<FragmentPlanner> planner =
+          FragmentPlanner::Create(sender, result.generation_tables[link.peer_rank]);
+      if (!planner.ok()) {
+        return absl::Status(planner.status().code(),
+                            absl::StrCat(planner.status().message(), " context_rank=", c,
+                                         " generation_rank=", link.peer_rank));
+      }
+      RankPairPlan pair;
+      pair.context_rank = static_cast<int64_t>(c);
+      pair.generation_rank = link.peer_rank;
+      pair.writes = planner->writes();
+      for (size_t g = 0; g < model.groups.size(); ++g) {
+        pair.group_kinds.push_back(planner->group_kind(g));
+      }
+      if (absl::Status s = planner->PlanInto(*pairings, context, &pair.plan); !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat(s.message(), " context_rank=", c,
+                                                   " generation_rank=", link.peer_rank));
+      }
+      result.fragments_before_coalescing += pair.plan.fragments_before_coalescing;
+      result.fragments_after_coalescing +=
+          static_cast<int64_t>(pair.plan.fragments.size());
+      result.total_bytes += pair.plan.total_bytes;
+      result.pairs.push_back(std::move(pair));
+    }
+  }
+  return result;
+}
+
+}  // namespace kvx::transfer
