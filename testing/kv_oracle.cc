@@ -7,7 +7,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "cache_reuse/adapter.h"
+#include "cache_reuse/v1_adapter.h"
+#include "testing/fake_cache_managers.h"
 #include "transfer/fragments.h"
 #include "transfer/page_table.h"
 #include "transfer/scenario.h"
@@ -55,12 +59,64 @@ bool Participates(const transfer::Topology& t, int64_t dp_rank) {
   return !t.attention_dp || t.tp_rank == dp_rank;
 }
 
-std::vector<int64_t> Table(const std::vector<transfer::BlockList>& tables, size_t g,
-                           int64_t total) {
-  if (!tables.empty() && !tables[g].empty()) return tables[g];
-  std::vector<int64_t> identity;
-  for (int64_t b = 0; b < total; ++b) identity.push_back(b);
-  return identity;
+// The positional tables of one side, one per group, identity where not given.
+absl::StatusOr<std::vector<transfer::BlockList>> Tables(
+    const std::vector<transfer::BlockList>& given, size_t num_groups, int64_t total,
+    const char* side) {
+  if (!given.empty() && given.size() != num_groups) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(side, " tables need one entry per group: tables=", given.size(),
+                     " groups=", num_groups));
+  }
+  std::vector<transfer::BlockList> tables;
+  for (size_t g = 0; g < num_groups; ++g) {
+    if (!given.empty() && !given[g].empty()) {
+      tables.push_back(given[g]);
+      continue;
+    }
+    transfer::BlockList identity;
+    for (int64_t b = 0; b < total; ++b) identity.push_back(b);
+    tables.push_back(std::move(identity));
+  }
+  return tables;
+}
+
+// The slice one side sends or asks for, built by the real slice builder over a
+// fake V1 manager holding `tables` (SEMANTICS.md sections 3 and 4).
+absl::StatusOr<transfer::KVSlice> BuildSideSlice(
+    const transfer::ModelSpec& model, const transfer::ScenarioRequest& request,
+    cache_reuse::Side side, int64_t prepopulated_prompt_len,
+    const std::vector<transfer::BlockList>& tables) {
+  FakeBlockTableCacheManager manager;
+  manager.AddRequest(request.request_id, prepopulated_prompt_len, tables);
+  const cache_reuse::V1Adapter adapter(&manager, cache_reuse::ReuseOptions{true});
+  cache_reuse::SliceRequest slice_request;
+  slice_request.request_id = request.request_id;
+  slice_request.prompt_len = request.prompt_len;
+  slice_request.tokens_per_block = model.tokens_per_block;
+  slice_request.side = side;
+  std::vector<cache_reuse::LayerGroupSpec> groups;
+  for (const transfer::GroupSpec& group : model.groups) {
+    groups.push_back(group.window ? cache_reuse::LayerGroupSpec::Windowed(*group.window)
+                                  : cache_reuse::LayerGroupSpec::Full());
+  }
+  absl::StatusOr<cache_reuse::BuiltSlice> built =
+      cache_reuse::BuildSlice(adapter, slice_request, groups);
+  if (!built.ok()) return built.status();
+  return built->slice;
+}
+
+// Enough slots for every id of the tables, so that the oracle can fill and check
+// the blocks that do not travel too.
+int64_t SlotsFor(int64_t num_slots, const std::vector<transfer::BlockList>& tables,
+                 int64_t total, std::optional<int64_t> state_slot) {
+  if (num_slots > 0) return num_slots;
+  int64_t slots = std::max<int64_t>(1, total);
+  if (state_slot) slots = std::max(slots, *state_slot + 1);
+  for (const transfer::BlockList& table : tables) {
+    for (int64_t id : table) slots = std::max(slots, id + 1);
+  }
+  return slots;
 }
 
 using Memory = std::vector<std::vector<uint8_t>>;  // per pool
@@ -145,15 +201,40 @@ transfer::ModelSpec TinyModel(int64_t layers, int64_t heads, bool is_mla) {
   return m;
 }
 
-absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats* stats) {
+absl::Status CheckScenarioBytes(const transfer::Scenario& scenario,
+                                const ScenarioCaches& caches, OracleStats* stats) {
   OracleStats local;
   if (stats == nullptr) stats = &local;
-  absl::StatusOr<transfer::ScenarioPlan> plan = transfer::PlanScenario(scenario);
-  if (!plan.ok()) return plan.status();
   const transfer::ModelSpec& model = scenario.model;
   const transfer::ScenarioRequest& request = scenario.request;
   const int64_t tpb = model.tokens_per_block;
+  if (tpb <= 0 || request.prompt_len < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad scenario: tokens_per_block=", tpb, " prompt_len=", request.prompt_len));
+  }
   const int64_t total = transfer::CeilDiv(request.prompt_len, tpb);
+  absl::StatusOr<std::vector<transfer::BlockList>> context_tables =
+      Tables(caches.context_tables, model.groups.size(), total, "context");
+  if (!context_tables.ok()) return context_tables.status();
+  absl::StatusOr<std::vector<transfer::BlockList>> generation_tables =
+      Tables(caches.generation_tables, model.groups.size(), total, "generation");
+  if (!generation_tables.ok()) return generation_tables.status();
+  absl::StatusOr<transfer::KVSlice> context_slice = BuildSideSlice(
+      model, request, cache_reuse::Side::kContext, 0, *context_tables);
+  if (!context_slice.ok()) return context_slice.status();
+  absl::StatusOr<transfer::KVSlice> generation_slice =
+      BuildSideSlice(model, request, cache_reuse::Side::kGeneration,
+                     caches.generation_cached_tokens, *generation_tables);
+  if (!generation_slice.ok()) return generation_slice.status();
+  transfer::Scenario planned = scenario;
+  planned.context.num_slots = SlotsFor(scenario.context.num_slots, *context_tables,
+                                       total, request.context_state_slot);
+  planned.generation.num_slots =
+      SlotsFor(scenario.generation.num_slots, *generation_tables, total,
+               request.generation_state_slot);
+  absl::StatusOr<transfer::ScenarioPlan> plan =
+      transfer::PlanScenario(planned, *context_slice, *generation_slice);
+  if (!plan.ok()) return plan.status();
 
   // Context ranks: the logical KV of every block position their table holds.
   std::vector<Memory> context;
@@ -161,7 +242,7 @@ absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats*
     const RankPageTable& table = plan->context_tables[c];
     Memory memory = Allocate(table, static_cast<int64_t>(c));
     for (size_t g = 0; g < model.groups.size(); ++g) {
-      const std::vector<int64_t> ids = Table(request.context_tables, g, total);
+      const std::vector<int64_t>& ids = (*context_tables)[g];
       for (int64_t b = 0; b < total && b < static_cast<int64_t>(ids.size()); ++b) {
         if (ids[b] < 0) continue;
         ForBlockBytes(model, table, g, b, ids[b],
@@ -206,9 +287,10 @@ absl::Status CheckScenarioBytes(const transfer::Scenario& scenario, OracleStats*
       absl::StatusOr<transfer::WindowBlocks> window =
           transfer::ComputeWindowBlocks(request.prompt_len, model.groups[g].window, tpb);
       if (!window.ok()) return window.status();
+      // The oracle's own reading of section 4, not the builder's.
       const int64_t first =
-          std::max(window->stale_end, request.generation_cached_tokens / tpb);
-      const std::vector<int64_t> ids = Table(request.generation_tables, g, total);
+          std::max(window->stale_end, caches.generation_cached_tokens / tpb);
+      const std::vector<int64_t>& ids = (*generation_tables)[g];
       for (int64_t b = first; b < total; ++b) {
         ForBlockBytes(model, table, g, b, ids[b],
                       [&](int64_t pool, uint64_t offset, uint8_t value) {

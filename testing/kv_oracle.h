@@ -2,7 +2,10 @@
 //
 // A byte-level oracle for fragment plans. The model's KV cache is a logical tensor
 // [layer][token][kv][head][dim] whose every byte has a deterministic value
-// (LogicalByte). CheckScenarioBytes shards it onto the context ranks of a
+// (LogicalByte). CheckScenarioBytes builds both sides' slices with the real
+// cache_reuse::BuildSlice over V1-style fake cache managers holding the given
+// positional tables (the generation side with its prefix hit), plans them with
+// transfer::PlanScenario, shards the logical KV onto the context ranks of the
 // Scenario (through each rank's advertised page table and its TP/PP position,
 // computed here independently of the planner), fills every generation rank with
 // guard bytes, applies every (context rank, generation rank) plan with memcpy, and
@@ -13,7 +16,9 @@
 // logical value per (layer, TP shard, byte) and must arrive likewise.
 //
 //   transfer::Scenario s = ...;
-//   EXPECT_OK(kvx::testing::CheckScenarioBytes(s));
+//   ScenarioCaches caches;
+//   caches.generation_cached_tokens = 8;  // a prefix hit of two 4-token blocks
+//   EXPECT_OK(kvx::testing::CheckScenarioBytes(s, caches));
 //
 // Thread safety: pure; allocates the ranks' memory for the duration of the call.
 
@@ -21,10 +26,12 @@
 #define KVX_TESTING_KV_ORACLE_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/base/attributes.h"
 #include "absl/status/status.h"
 #include "transfer/scenario.h"
+#include "transfer/slice.h"
 
 namespace kvx::testing {
 
@@ -44,11 +51,28 @@ struct OracleStats {
   uint64_t bytes_checked = 0;
 };
 
-// Plans `scenario` with transfer::PlanScenario and checks the bytes as described
-// above. Returns the planner's error unchanged, or DataLoss naming the generation
-// rank, pool, offset, expected and actual byte and write count of the first
-// mismatch. `stats` may be null.
+// What each side's cache manager holds of the request, the same on every rank of
+// an instance.
+struct ScenarioCaches {
+  // The generation side's prepopulated prompt length (a V1 prefix hit, reuse on;
+  // the adapter floors it to a block). The context side holds none.
+  int64_t generation_cached_tokens = 0;
+  // Positional block tables, one per attention group of the model (entry b holds
+  // tokens [b * tpb, (b + 1) * tpb)); an empty vector, or an empty table, means
+  // the identity table 0, 1, ..., cdiv(prompt_len, tpb) - 1.
+  std::vector<transfer::BlockList> context_tables;
+  std::vector<transfer::BlockList> generation_tables;
+};
+
+// Builds both slices from `caches`, plans `scenario` with transfer::PlanScenario
+// and checks the bytes as described above. An instance whose num_slots is 0 gets
+// just enough slots for every id of its tables (so cached and stale blocks are
+// checked too). Returns InvalidArgument for tables that are not one per group,
+// the slice builder's and planner's errors unchanged, or DataLoss naming the
+// generation rank, pool, offset, expected and actual byte and write count of the
+// first mismatch. `stats` may be null.
 ABSL_MUST_USE_RESULT absl::Status CheckScenarioBytes(const transfer::Scenario& scenario,
+                                                     const ScenarioCaches& caches = {},
                                                      OracleStats* stats = nullptr);
 
 }  // namespace kvx::testing

@@ -80,11 +80,12 @@ TEST(KvOracle, FixedTopologies) {
     s.context.topology = c.context;
     s.generation.topology = c.generation;
     s.request.prompt_len = c.prompt_len;
-    s.request.generation_cached_tokens = c.cached;
+    ScenarioCaches caches;
+    caches.generation_cached_tokens = c.cached;
     s.request.context_dp_rank = 1;
     s.request.generation_dp_rank = 2;
     OracleStats stats;
-    EXPECT_OK(CheckScenarioBytes(s, &stats));
+    EXPECT_OK(CheckScenarioBytes(s, caches, &stats));
     EXPECT_GT(stats.bytes_copied, 0u);
   }
 }
@@ -106,14 +107,34 @@ TEST(KvOracle, MambaStateAcrossPipelineSplits) {
 }
 
 TEST(KvOracle, PassesPlannerErrorsThrough) {
-  // A context table shorter than the prompt: the transfer needs a block it lacks.
+  // The generation instance splits fewer layers than the model has.
+  Scenario s;
+  s.model = TinyModel(2, 2);
+  s.context.topology = Instance(1, {2});
+  s.generation.topology = Instance(1, {1});
+  s.request.prompt_len = 8;
+  EXPECT_THAT(CheckScenarioBytes(s), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(KvOracle, PassesSliceBuilderErrorsThrough) {
+  // A context table shorter than the prompt: the transfer needs a block it lacks,
+  // which the real slice builder reports as FailedPrecondition (adapter.h).
   Scenario s;
   s.model = TinyModel(2, 2);
   s.context.topology = Instance(1, {2});
   s.generation.topology = Instance(1, {2});
   s.request.prompt_len = 8;
-  s.request.context_tables = {{0}};
-  EXPECT_THAT(CheckScenarioBytes(s), StatusIs(absl::StatusCode::kInvalidArgument));
+  ScenarioCaches caches;
+  caches.context_tables = {{0}};
+  EXPECT_THAT(CheckScenarioBytes(s, caches),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("block table shorter than the slice needs")));
+  caches.context_tables = {{0, -1}};
+  EXPECT_THAT(CheckScenarioBytes(s, caches),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("block=1 id=-1")));
+  caches.context_tables = {{0, 1}, {2, 3}};
+  EXPECT_THAT(CheckScenarioBytes(s, caches),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("tables=2 groups=1")));
 }
 
 // Random topologies from {TP 1,2,4,8} x {PP 1,2,4} on each side, uneven layer
@@ -169,7 +190,8 @@ TEST(KvOracle, RandomTopologies) {
         std::max<int64_t>(1, pick({1, tpb - 1, tpb, tpb + 1, w - 1, w, w + 1, 3 * tpb,
                                    3 * tpb + 1, 5 * tpb - 1}));
     const int64_t total = transfer::CeilDiv(s.request.prompt_len, tpb);
-    s.request.generation_cached_tokens =
+    ScenarioCaches caches;
+    caches.generation_cached_tokens =
         pick({0, 0, tpb, s.request.prompt_len / 2, s.request.prompt_len - 1});
     if (pick({0, 1}) == 1) {
       // Mamba state on every third layer; both sides must shard it alike.
@@ -184,8 +206,8 @@ TEST(KvOracle, RandomTopologies) {
     const bool shuffle = pick({0, 1}) == 1;
     if (shuffle) {
       for (size_t g = 0; g < model.groups.size(); ++g) {
-        s.request.context_tables.push_back(Shuffled(rng, total + 1, total + 3));
-        s.request.generation_tables.push_back(Shuffled(rng, total, total + 2));
+        caches.context_tables.push_back(Shuffled(rng, total + 1, total + 3));
+        caches.generation_tables.push_back(Shuffled(rng, total, total + 2));
       }
     }
     SCOPED_TRACE(absl::StrCat(
@@ -194,9 +216,9 @@ TEST(KvOracle, RandomTopologies) {
         " ctx_pp=", absl::StrJoin(s.context.topology.layers_per_pp_rank, ","),
         " gen_tp=", s.generation.topology.tp_size,
         " gen_pp=", absl::StrJoin(s.generation.topology.layers_per_pp_rank, ","),
-        " prompt=", s.request.prompt_len, " cached=", s.request.generation_cached_tokens,
+        " prompt=", s.request.prompt_len, " cached=", caches.generation_cached_tokens,
         " shuffle=", shuffle, " state_layers=", s.model.state_layer_ids.size()));
-    ASSERT_OK(CheckScenarioBytes(s));
+    ASSERT_OK(CheckScenarioBytes(s, caches));
   }
 }
 

@@ -49,62 +49,36 @@ absl::Status CheckModel(const ModelSpec& model) {
   return absl::OkStatus();
 }
 
-// SEMANTICS.md section 4: the suffix of the positional table that travels.
-absl::StatusOr<KVSlice> BuildSlice(const ModelSpec& model, const ScenarioRequest& request,
-                                   const std::vector<BlockList>& tables,
-                                   int64_t cached_tokens, const char* side) {
-  KVSlice slice;
-  slice.is_last_slice = true;
-  if (request.prompt_len > 0) {
-    absl::StatusOr<TokenRange> range = TokenRange::Create(0, request.prompt_len);
-    if (!range.ok()) return range.status();
-    slice.token_range = *range;
-  }
-  if (!tables.empty() && tables.size() != model.groups.size()) {
+// Every list of a slice is a list of slot ids: one per model group, none negative.
+absl::Status CheckSlice(const ModelSpec& model, const KVSlice& slice, const char* side,
+                        int64_t request_id) {
+  const std::vector<BlockList>& lists = slice.block_ids_per_layer_group;
+  if (lists.size() != model.groups.size()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(side, " tables need one entry per group: tables=", tables.size(),
-                     " groups=", model.groups.size()));
+        absl::StrCat(side, " slice needs one block list per group: request=", request_id,
+                     " lists=", lists.size(), " groups=", model.groups.size()));
   }
-  for (size_t g = 0; g < model.groups.size(); ++g) {
-    absl::StatusOr<WindowBlocks> blocks = ComputeWindowBlocks(
-        request.prompt_len, model.groups[g].window, model.tokens_per_block);
-    if (!blocks.ok()) return blocks.status();
-    const int64_t total = blocks->total_blocks;
-    const int64_t first =
-        std::max(blocks->stale_end, cached_tokens / model.tokens_per_block);
-    BlockList table;
-    if (tables.empty() || tables[g].empty()) {
-      for (int64_t b = 0; b < total; ++b) table.push_back(b);
-    } else {
-      table = tables[g];
-    }
-    if (static_cast<int64_t>(table.size()) < total) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          side, " block table shorter than the prompt: request=", request.request_id,
-          " group=", g, " len=", table.size(), " total=", total));
-    }
-    BlockList list;
-    for (int64_t b = first; b < total; ++b) {
-      if (table[b] < 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            side, " block needed by the transfer is gone: request=", request.request_id,
-            " group=", g, " block=", b));
+  for (size_t g = 0; g < lists.size(); ++g) {
+    for (size_t i = 0; i < lists[g].size(); ++i) {
+      if (lists[g][i] < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(side, " slice holds a negative block id: request=", request_id,
+                         " group=", g, " index=", i, " block=", lists[g][i]));
       }
-      list.push_back(table[b]);
     }
-    slice.block_ids_per_layer_group.push_back(std::move(list));
   }
-  return slice;
+  return absl::OkStatus();
 }
 
-int64_t SlotsFor(const InstanceSpec& instance, const ScenarioRequest& request,
-                 const std::vector<BlockList>& tables, int64_t tokens_per_block,
+// Just enough slots for every id the instance's slice names (CheckSlice has
+// rejected negative ids) and its state slot.
+int64_t SlotsFor(const InstanceSpec& instance, const KVSlice& slice,
                  std::optional<int64_t> state_slot) {
   if (instance.num_slots > 0) return instance.num_slots;
-  int64_t slots = std::max<int64_t>(1, CeilDiv(request.prompt_len, tokens_per_block));
+  int64_t slots = 1;
   if (state_slot) slots = std::max(slots, *state_slot + 1);
-  for (const BlockList& table : tables) {
-    for (int64_t id : table) slots = std::max(slots, id + 1);
+  for (const BlockList& list : slice.block_ids_per_layer_group) {
+    for (int64_t id : list) slots = std::max(slots, id + 1);
   }
   return slots;
 }
@@ -219,41 +193,42 @@ absl::StatusOr<RankPageTable> BuildStandardPageTable(const ModelSpec& model,
   return table;
 }
 
-absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario) {
+absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
+                                          const KVSlice& context_slice,
+                                          const KVSlice& generation_slice) {
   const ModelSpec& model = scenario.model;
   const ScenarioRequest& request = scenario.request;
   if (absl::Status s = CheckModel(model); !s.ok()) return s;
-  if (request.prompt_len < 0 || request.generation_cached_tokens < 0) {
+  if (request.prompt_len < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "prompt and cached lengths must not be negative: prompt_len=", request.prompt_len,
-        " cached=", request.generation_cached_tokens));
+        "prompt length must not be negative: prompt_len=", request.prompt_len));
   }
-  absl::StatusOr<KVSlice> src =
-      BuildSlice(model, request, request.context_tables, 0, "context");
-  if (!src.ok()) return src.status();
-  absl::StatusOr<KVSlice> dst =
-      BuildSlice(model, request, request.generation_tables,
-                 request.generation_cached_tokens, "generation");
-  if (!dst.ok()) return dst.status();
+  if (absl::Status s = CheckSlice(model, context_slice, "context", request.request_id);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          CheckSlice(model, generation_slice, "generation", request.request_id);
+      !s.ok()) {
+    return s;
+  }
   PairingOptions options;
   options.tokens_per_block = model.tokens_per_block;
   options.prompt_len = request.prompt_len;
   options.request_id = request.request_id;
   for (const GroupSpec& group : model.groups) options.windows.push_back(group.window);
   absl::StatusOr<std::vector<GroupPairing>> pairings =
-      PairSliceBlocks(*src, *dst, options);
+      PairSliceBlocks(context_slice, generation_slice, options);
   if (!pairings.ok()) return pairings.status();
 
   ScenarioPlan result;
-  absl::StatusOr<std::vector<RankPageTable>> context_tables =
-      BuildInstance(model, scenario.context,
-                    SlotsFor(scenario.context, request, request.context_tables,
-                             model.tokens_per_block, request.context_state_slot));
+  absl::StatusOr<std::vector<RankPageTable>> context_tables = BuildInstance(
+      model, scenario.context,
+      SlotsFor(scenario.context, context_slice, request.context_state_slot));
   if (!context_tables.ok()) return context_tables.status();
-  absl::StatusOr<std::vector<RankPageTable>> generation_tables =
-      BuildInstance(model, scenario.generation,
-                    SlotsFor(scenario.generation, request, request.generation_tables,
-                             model.tokens_per_block, request.generation_state_slot));
+  absl::StatusOr<std::vector<RankPageTable>> generation_tables = BuildInstance(
+      model, scenario.generation,
+      SlotsFor(scenario.generation, generation_slice, request.generation_state_slot));
   if (!generation_tables.ok()) return generation_tables.status();
   result.context_tables = *std::move(context_tables);
   result.generation_tables = *std::move(generation_tables);

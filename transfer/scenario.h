@@ -1,13 +1,13 @@
 // File: transfer/scenario.h
 //
 // A whole transfer in one value, for tools and tests: a model, the sharding of the
-// context and generation instances and one request; PlanScenario lays out every
-// rank's KV cache in the standard layout, builds each side's slice (SEMANTICS.md
-// section 4, the generation side with its cached prefix), pairs the blocks
-// (section 5) and plans, for every (context rank, generation rank) pair that
-// overlaps, the fragments before and after coalescing. This is the entry point of
-// `kvplan fragments`: the tool only has to turn JSON into a Scenario and the
-// ScenarioPlan back into JSON.
+// context and generation instances and one request; PlanScenario takes both
+// sides' already-built slices (SEMANTICS.md section 4 is cache_reuse::BuildSlice's
+// job, above this package), lays out every rank's KV cache in the standard layout,
+// pairs the blocks (section 5) and plans, for every (context rank, generation rank)
+// pair that overlaps, the fragments before and after coalescing. This is the entry
+// point of `kvplan fragments`: the tool builds the slices through the reuse
+// adapters, turns JSON into a Scenario and the ScenarioPlan back into JSON.
 //
 // Standard layout: one pool per attention group; a slot holds the group's local
 // layers in order, each as K then V (MLA: the latent only), each buffer
@@ -27,7 +27,11 @@
 //   s.context.topology = MakeTopology(4, {80});
 //   s.generation.topology = MakeTopology(8, {80});
 //   s.request.prompt_len = 8192;
-//   absl::StatusOr<ScenarioPlan> plan = PlanScenario(s);
+//   KVSlice slice;  // both sides: blocks 0..255 of the 8192-token prompt
+//   slice.token_range = TokenRange::Create(0, 8192).value();
+//   slice.block_ids_per_layer_group = {AllLayers(256)};  // ids 0, 1, ..., 255
+//   slice.is_last_slice = true;
+//   absl::StatusOr<ScenarioPlan> plan = PlanScenario(s, slice, slice);
 //   // plan->pairs: 8 pairs (each context rank writes two generation ranks).
 //
 // Thread safety: pure functions over plain values.
@@ -85,21 +89,16 @@ ABSL_MUST_USE_RESULT absl::StatusOr<RankPageTable> BuildStandardPageTable(
 // One instance: its sharding (tp_rank/pp_rank ignored) and slots per pool.
 struct InstanceSpec {
   Topology topology;
-  int64_t num_slots = 0;  // 0: just enough for the identity tables
+  // Slots per pool; 0: just enough for the largest block id of the instance's
+  // slice (and its state slot), at least 1.
+  int64_t num_slots = 0;
 };
 
-// One request as both sides hold it.
+// One request as both sides hold it. Its block lists are the slices given to
+// PlanScenario, the same on every rank of an instance.
 struct ScenarioRequest {
   int64_t request_id = 0;
   int64_t prompt_len = 0;
-  // Tokens the generation side already holds (SEMANTICS.md section 3, floored to a
-  // block); the context side holds none.
-  int64_t generation_cached_tokens = 0;
-  // Positional block tables per attention group (entry b holds tokens
-  // [b * tpb, (b + 1) * tpb)), the same on every rank of an instance; an empty
-  // vector means the identity table 0, 1, ..., cdiv(prompt_len, tpb) - 1.
-  std::vector<BlockList> context_tables;
-  std::vector<BlockList> generation_tables;
   // The request's DP rank on each side (used with attention_dp only).
   int64_t context_dp_rank = 0;
   int64_t generation_dp_rank = 0;
@@ -133,11 +132,18 @@ struct ScenarioPlan {
   uint64_t total_bytes = 0;
 };
 
-// Plans the whole scenario. Errors: those of BuildStandardPageTable,
-// PairSliceBlocks, FragmentPlanner and ComputePeerOverlap, with the rank pair
-// named; InvalidArgument for a table shorter than the prompt's blocks or with a
-// negative id where a block is needed.
-ABSL_MUST_USE_RESULT absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario);
+// Plans the whole scenario for one slice: `context_slice` is what the context
+// side sends, `generation_slice` the generation side's request data (its suffix
+// lists, shorter by its cached prefix), both with one list per model group, as
+// cache_reuse::BuildSlice builds them (SEMANTICS.md section 4).
+// Errors: InvalidArgument for a malformed model, a slice whose group count differs
+// from the model's or that holds a negative block id (naming side, group and
+// index); those of BuildStandardPageTable, PairSliceBlocks, FragmentPlanner and
+// ComputePeerOverlap, with the rank pair named (a block id past an explicit
+// num_slots is OutOfRange).
+ABSL_MUST_USE_RESULT absl::StatusOr<ScenarioPlan> PlanScenario(
+    const Scenario& scenario, const KVSlice& context_slice,
+    const KVSlice& generation_slice);
 
 }  // namespace kvx::transfer
 

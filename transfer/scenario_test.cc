@@ -10,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
 #include "transfer/fragments.h"
+#include "transfer/slice.h"
 #include "transfer/topology.h"
 
 namespace kvx::transfer {
@@ -17,6 +18,31 @@ namespace {
 
 using ::kvx::testing::StatusIs;
 using ::testing::HasSubstr;
+
+// The slice of a whole `prompt_len`-token prompt whose one group's list holds the
+// ids first_block, first_block + 1, ..., cdiv(prompt_len, tpb) - 1: the identity
+// table without its first `first_block` (cached) blocks.
+KVSlice IdentitySuffix(int64_t prompt_len, int64_t tokens_per_block,
+                       int64_t first_block = 0) {
+  KVSlice slice;
+  slice.token_range = TokenRange::Create(0, prompt_len).value();
+  slice.is_last_slice = true;
+  BlockList list;
+  for (int64_t b = first_block; b < CeilDiv(prompt_len, tokens_per_block); ++b) {
+    list.push_back(b);
+  }
+  slice.block_ids_per_layer_group = {list};
+  return slice;
+}
+
+// Plans `s` with identity tables on both sides, the generation side holding its
+// first `generation_cached_blocks` blocks already.
+absl::StatusOr<ScenarioPlan> PlanIdentity(const Scenario& s,
+                                          int64_t generation_cached_blocks = 0) {
+  const int64_t tpb = s.model.tokens_per_block;
+  return PlanScenario(s, IdentitySuffix(s.request.prompt_len, tpb),
+                      IdentitySuffix(s.request.prompt_len, tpb, generation_cached_blocks));
+}
 
 Scenario Llama70B(Topology context, Topology generation, int64_t prompt_len) {
   Scenario s;
@@ -40,9 +66,8 @@ TEST(PlanScenario, Llama70BExamples) {
     size_t pairs;
     int64_t before;
     int64_t after;
+    int64_t generation_cached_blocks = 0;
   };
-  Scenario cached = Llama70B(MakeTopology(1, {40, 40}), MakeTopology(1, {80}), 8192);
-  cached.request.generation_cached_tokens = 4096;
   const Case cases[] = {
       // 256 blocks; each rank pair is one whole-slot run.
       {"tp8 to tp8", Llama70B(MakeTopology(8, {80}), MakeTopology(8, {80}), 8192), 8,
@@ -53,12 +78,15 @@ TEST(PlanScenario, Llama70BExamples) {
       // Each stage writes its 40 layers, one run per block.
       {"pp2 to pp1", Llama70B(MakeTopology(1, {40, 40}), MakeTopology(1, {80}), 8192), 2,
        2 * 256, 2 * 256},
-      // Half the prompt cached: only 128 blocks move.
-      {"pp2 to pp1, 4k cached", cached, 2, 2 * 128, 2 * 128},
+      // Half the prompt (4k tokens, 128 blocks) cached: only 128 blocks move.
+      {"pp2 to pp1, 4k cached",
+       Llama70B(MakeTopology(1, {40, 40}), MakeTopology(1, {80}), 8192), 2, 2 * 128,
+       2 * 128, 128},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
-    ASSERT_OK_AND_ASSIGN(ScenarioPlan plan, PlanScenario(c.scenario));
+    ASSERT_OK_AND_ASSIGN(ScenarioPlan plan,
+                         PlanIdentity(c.scenario, c.generation_cached_blocks));
     EXPECT_EQ(plan.pairs.size(), c.pairs);
     EXPECT_EQ(plan.fragments_before_coalescing, c.before);
     EXPECT_EQ(plan.fragments_after_coalescing, c.after);
@@ -70,7 +98,7 @@ TEST(PlanScenario, ReportsReplicasThatOnlyReport) {
   // one replica per head writes that head (not a whole slot) and 6 only report.
   Scenario s = Llama70B(MakeTopology(8, {80}), MakeTopology(1, {80}), 100);
   s.model.num_kv_heads = 2;
-  ASSERT_OK_AND_ASSIGN(ScenarioPlan plan, PlanScenario(s));
+  ASSERT_OK_AND_ASSIGN(ScenarioPlan plan, PlanIdentity(s));
   ASSERT_EQ(plan.pairs.size(), 8u);
   int writers = 0;
   for (const RankPairPlan& pair : plan.pairs) {
@@ -84,25 +112,51 @@ TEST(PlanScenario, ReportsReplicasThatOnlyReport) {
   EXPECT_EQ(writers, 2);
 }
 
-TEST(PlanScenario, RejectsMissingBlocks) {
+// A table shorter than the prompt, or with an evicted block where one is needed,
+// is the slice builder's to reject (cache_reuse::BuildSlice, FailedPrecondition;
+// testing/kv_oracle_test.cc runs it); what reaches the planner is a slice.
+TEST(PlanScenario, RejectsBadSlices) {
   Scenario s = Llama70B(MakeTopology(1, {80}), MakeTopology(1, {80}), 100);
-  s.request.context_tables = {{0, 1}};
-  EXPECT_THAT(PlanScenario(s), StatusIs(absl::StatusCode::kInvalidArgument,
-                                        HasSubstr("shorter than the prompt")));
-  s.request.context_tables = {{0, -1, 2, 3}};
-  EXPECT_THAT(PlanScenario(s),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block=1")));
-  s.request.context_tables = {};
+  KVSlice bad = IdentitySuffix(100, 32);
+  bad.block_ids_per_layer_group = {{0, -1, 2, 3}};
+  EXPECT_THAT(PlanScenario(s, bad, IdentitySuffix(100, 32)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("context slice holds a negative block id: request=0 "
+                                 "group=0 index=1 block=-1")));
+  bad.block_ids_per_layer_group = {{0, 1, 2, 3}, {0}};
+  EXPECT_THAT(PlanScenario(s, IdentitySuffix(100, 32), bad),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("generation slice needs one block list per group")));
+  // Longer than its suffix by two: the pairing rejects it.
+  bad.block_ids_per_layer_group = {{0, 1, 2, 3, 4, 5}};
+  EXPECT_THAT(PlanScenario(s, bad, IdentitySuffix(100, 32)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   s.context.num_slots = 2;
-  EXPECT_THAT(PlanScenario(s),
+  EXPECT_THAT(PlanIdentity(s),
               StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block=2 num_slots=2")));
   s.context.num_slots = int64_t{1} << 62;
-  EXPECT_THAT(PlanScenario(s), StatusIs(absl::StatusCode::kInvalidArgument,
+  EXPECT_THAT(PlanIdentity(s), StatusIs(absl::StatusCode::kInvalidArgument,
                                         HasSubstr("does not fit 64-bit addresses")));
   s.context.num_slots = 0;
   s.generation.topology = MakeTopology(1, {79});
-  EXPECT_THAT(PlanScenario(s),
+  EXPECT_THAT(PlanIdentity(s),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("split_layers=79")));
+}
+
+TEST(PlanScenario, DerivesSlotsFromTheLargestBlockId) {
+  Scenario s = Llama70B(MakeTopology(1, {80}), MakeTopology(1, {80}), 64);
+  KVSlice src = IdentitySuffix(64, 32);
+  src.block_ids_per_layer_group = {{7, 3}};
+  KVSlice dst = IdentitySuffix(64, 32);
+  dst.block_ids_per_layer_group = {{12}};  // the first block is cached
+  ASSERT_OK_AND_ASSIGN(ScenarioPlan plan, PlanScenario(s, src, dst));
+  EXPECT_EQ(plan.context_tables[0].pools[0].num_slots, 8);
+  EXPECT_EQ(plan.generation_tables[0].pools[0].num_slots, 13);
+  ASSERT_EQ(plan.pairs.size(), 1u);
+  EXPECT_EQ(plan.fragments_after_coalescing, 1);
+  s.request.context_state_slot = 20;
+  ASSERT_OK_AND_ASSIGN(plan, PlanScenario(s, src, dst));
+  EXPECT_EQ(plan.context_tables[0].pools[0].num_slots, 21);
 }
 
 }  // namespace
