@@ -19,7 +19,10 @@
 #include "cache_reuse/v1_adapter.h"
 #include "cache_reuse/v2_adapter.h"
 #include "nlohmann/json.hpp"
+#include "transfer/fragments.h"
+#include "transfer/scenario.h"
 #include "transfer/slice.h"
+#include "transfer/topology.h"
 
 namespace kvx::kvplan {
 namespace {
@@ -151,6 +154,24 @@ class Fields {
     const json* value = Find(key);
     if (value == nullptr) return FieldError(Name(key), "missing required field");
     return value;
+  }
+
+  // A required integer in [min, max]; `expected` says so in words.
+  absl::StatusOr<int64_t> Int(absl::string_view key, int64_t min, int64_t max,
+                              absl::string_view expected) const {
+    absl::StatusOr<const json*> value = Required(key);
+    if (!value.ok()) return value.status();
+    return AsInt(**value, Name(key), min, max, expected);
+  }
+
+  absl::StatusOr<std::optional<int64_t>> OptionalInt(absl::string_view key, int64_t min,
+                                                     int64_t max,
+                                                     absl::string_view expected) const {
+    const json* value = Find(key);
+    if (value == nullptr || value->is_null()) return std::nullopt;
+    absl::StatusOr<int64_t> number = AsInt(*value, Name(key), min, max, expected);
+    if (!number.ok()) return number.status();
+    return *number;
   }
 
   absl::StatusOr<int64_t> Tokens(absl::string_view key, int64_t min) const {
@@ -784,6 +805,299 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
   return out;
 }
 
+// -------------------------------------------------------------------------------
+// fragments
+
+// Bounds that keep one run of the tool in memory: far past any deployment.
+constexpr int64_t kMaxLayers = int64_t{1} << 16;
+constexpr int64_t kMaxTpSize = 4096;
+// A side without block tables gets the identity table of cdiv(end, tpb) blocks.
+constexpr int64_t kMaxIdentityBlocks = int64_t{1} << 20;
+
+// Strictly increasing layer ids in [0, num_layers).
+absl::StatusOr<std::vector<int64_t>> AsLayerIds(const json& value, absl::string_view field,
+                                                int64_t num_layers) {
+  if (!value.is_array()) {
+    return FieldError(field, absl::StrCat("must be an array of layer ids, got ", Describe(value)));
+  }
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < value.size(); ++i) {
+    const std::string name = absl::StrCat(field, "[", i, "]");
+    absl::StatusOr<int64_t> id =
+        AsInt(value[i], name, 0, num_layers - 1,
+              absl::StrCat("a layer id in [0, ", num_layers - 1, "]"));
+    if (!id.ok()) return id.status();
+    if (!ids.empty() && *id <= ids.back()) {
+      return FieldError(name, absl::StrCat("layer ids must increase, got ", *id, " after ",
+                                           ids.back()));
+    }
+    ids.push_back(*id);
+  }
+  return ids;
+}
+
+absl::StatusOr<transfer::ModelSpec> ParseModel(const json& value) {
+  absl::StatusOr<Fields> fields =
+      Fields::Open(value, "model",
+                   {"num_layers", "num_kv_heads", "head_size", "element_bytes",
+                    "tokens_per_block", "mla", "groups"});
+  if (!fields.ok()) return fields.status();
+  transfer::ModelSpec model;
+  for (auto [key, target] : {std::pair{"num_layers", &model.num_layers},
+                             std::pair{"num_kv_heads", &model.num_kv_heads},
+                             std::pair{"head_size", &model.head_size},
+                             std::pair{"element_bytes", &model.element_bytes},
+                             std::pair{"tokens_per_block", &model.tokens_per_block}}) {
+    const int64_t max = absl::string_view(key) == "num_layers" ? kMaxLayers : kMaxTokens;
+    absl::StatusOr<int64_t> number =
+        fields->Int(key, 1, max, absl::StrCat("an integer in [1, ", max, "]"));
+    if (!number.ok()) return number.status();
+    *target = *number;
+  }
+  absl::StatusOr<bool> mla = fields->OptionalBool("mla", false);
+  if (!mla.ok()) return mla.status();
+  model.is_mla = *mla;
+
+  const json* groups = fields->Find("groups");
+  if (groups == nullptr || groups->is_null()) {
+    model.groups = {transfer::GroupSpec{std::nullopt, transfer::AllLayers(model.num_layers)}};
+    return model;
+  }
+  const std::string name = fields->Name("groups");
+  if (!groups->is_array() || groups->empty()) {
+    return FieldError(name, absl::StrCat("must be a non-empty array of layer groups, got ",
+                                         Describe(*groups)));
+  }
+  for (size_t g = 0; g < groups->size(); ++g) {
+    const std::string path = absl::StrCat(name, "[", g, "]");
+    absl::StatusOr<Fields> group = Fields::Open((*groups)[g], path, {"window", "layers"});
+    if (!group.ok()) return group.status();
+    transfer::GroupSpec spec;
+    if (const json* window = group->Find("window"); window != nullptr) {
+      absl::StatusOr<std::optional<int64_t>> parsed = AsWindow(*window, group->Name("window"));
+      if (!parsed.ok()) return parsed.status();
+      spec.window = *parsed;
+    }
+    const json* layers = group->Find("layers");
+    if (layers == nullptr || layers->is_null()) {
+      if (groups->size() > 1) {
+        return FieldError(group->Name("layers"),
+                          "missing required field (only a single group may omit it)");
+      }
+      spec.global_layer_ids = transfer::AllLayers(model.num_layers);
+    } else {
+      absl::StatusOr<std::vector<int64_t>> ids =
+          AsLayerIds(*layers, group->Name("layers"), model.num_layers);
+      if (!ids.ok()) return ids.status();
+      spec.global_layer_ids = *std::move(ids);
+    }
+    model.groups.push_back(std::move(spec));
+  }
+  return model;
+}
+
+// One instance of a fragments input: its sharding and its slice input.
+struct FragmentsSide {
+  transfer::InstanceSpec instance;
+  int64_t dp_rank = 0;
+  SliceInput slice;
+};
+
+absl::StatusOr<FragmentsSide> ParseFragmentsSide(const Fields& top, absl::string_view key,
+                                                 const transfer::ModelSpec& model,
+                                                 const Shared& shared, Side side) {
+  absl::StatusOr<const json*> value = top.Required(key);
+  if (!value.ok()) return value.status();
+  absl::StatusOr<Fields> fields = Fields::Open(
+      **value, std::string(key),
+      {"tp", "pp_layers", "attention_dp", "dp_rank", "num_slots", "generation_only", "reuse",
+       "groups"});
+  if (!fields.ok()) return fields.status();
+  FragmentsSide out;
+  absl::StatusOr<int64_t> tp =
+      fields->Int("tp", 1, kMaxTpSize, absl::StrCat("an integer in [1, ", kMaxTpSize, "]"));
+  if (!tp.ok()) return tp.status();
+  std::vector<int64_t> pp_layers = {model.num_layers};
+  if (const json* pp = fields->Find("pp_layers"); pp != nullptr && !pp->is_null()) {
+    const std::string name = fields->Name("pp_layers");
+    if (!pp->is_array() || pp->empty() || static_cast<int64_t>(pp->size()) > model.num_layers) {
+      return FieldError(name, absl::StrCat("must be an array of 1 to num_layers=",
+                                           model.num_layers, " layer counts, got ",
+                                           Describe(*pp)));
+    }
+    pp_layers.clear();
+    int64_t sum = 0;
+    for (size_t i = 0; i < pp->size(); ++i) {
+      absl::StatusOr<int64_t> n =
+          AsInt((*pp)[i], absl::StrCat(name, "[", i, "]"), 1, kMaxLayers, "an integer > 0");
+      if (!n.ok()) return n.status();
+      pp_layers.push_back(*n);
+      sum += *n;
+    }
+    if (sum != model.num_layers) {
+      return FieldError(name, absl::StrCat("must add up to model.num_layers, got ", sum, " vs ",
+                                           model.num_layers));
+    }
+  }
+  out.instance.topology = transfer::MakeTopology(*tp, std::move(pp_layers));
+  absl::StatusOr<bool> dp = fields->OptionalBool("attention_dp", false);
+  if (!dp.ok()) return dp.status();
+  out.instance.topology.attention_dp = *dp;
+  absl::StatusOr<std::optional<int64_t>> dp_rank =
+      fields->OptionalInt("dp_rank", 0, *tp - 1, absl::StrCat("an integer in [0, tp-1=", *tp - 1, "]"));
+  if (!dp_rank.ok()) return dp_rank.status();
+  out.dp_rank = dp_rank->value_or(0);
+  absl::StatusOr<std::optional<int64_t>> num_slots =
+      fields->OptionalInt("num_slots", 1, kMaxTokens, "an integer > 0");
+  if (!num_slots.ok()) return num_slots.status();
+  out.instance.num_slots = num_slots->value_or(0);
+
+  SliceInput& input = out.slice;
+  input.shared = shared;
+  input.side = side;
+  absl::StatusOr<bool> generation_only = fields->OptionalBool("generation_only", true);
+  if (!generation_only.ok()) return generation_only.status();
+  input.generation_only = *generation_only;
+  absl::StatusOr<ReuseInput> reuse = ParseReuse(*fields);
+  if (!reuse.ok()) return reuse.status();
+  input.reuse = *reuse;
+  for (const transfer::GroupSpec& group : model.groups) {
+    input.groups.push_back(group.window ? LayerGroupSpec::Windowed(*group.window)
+                                        : LayerGroupSpec::Full());
+  }
+  const json* groups = fields->Find("groups");
+  if (groups == nullptr || groups->is_null()) {
+    // The identity table over the slice's blocks.
+    const int64_t end = shared.token_range ? shared.token_range->end() : shared.prompt_len;
+    const int64_t total = transfer::CeilDiv(end, shared.tokens_per_block);
+    if (total > kMaxIdentityBlocks) {
+      return FieldError(fields->Name("groups"),
+                        absl::StrCat("needed: the default identity tables would hold ", total,
+                                     " blocks (max ", kMaxIdentityBlocks, ")"));
+    }
+    BlockList identity(total);
+    for (int64_t b = 0; b < total; ++b) identity[b] = b;
+    input.tables.assign(model.groups.size(), identity);
+    return out;
+  }
+  absl::StatusOr<std::vector<LayerGroupSpec>> parsed = ParseGroups(*fields, &input.tables);
+  if (!parsed.ok()) return parsed.status();
+  if (parsed->size() != model.groups.size()) {
+    return FieldError(fields->Name("groups"),
+                      absl::StrCat("must list one block table per model group: groups=",
+                                   parsed->size(), " model_groups=", model.groups.size()));
+  }
+  for (size_t g = 0; g < parsed->size(); ++g) {
+    const std::string path = absl::StrCat(fields->Name("groups"), "[", g, "]");
+    if ((*parsed)[g].kind == LayerGroupSpec::Kind::kMamba) {
+      return FieldError(absl::StrCat(path, ".kind"),
+                        "fragments plans attention groups only (the model's groups)");
+    }
+    // A window may be left out here (the model's applies) but must not differ.
+    if ((*groups)[g].contains("window") && (*parsed)[g].window != model.groups[g].window) {
+      auto describe = [](std::optional<int64_t> w) {
+        return w ? absl::StrCat(*w) : std::string("null");
+      };
+      return FieldError(absl::StrCat(path, ".window"),
+                        absl::StrCat("must match model.groups[", g, "].window, got ",
+                                     describe((*parsed)[g].window), " vs ",
+                                     describe(model.groups[g].window)));
+    }
+  }
+  return out;
+}
+
+ordered_json FragmentJson(const transfer::Fragment& f) {
+  ordered_json out;
+  out["src_pool"] = f.src_pool;
+  out["src_offset"] = f.src_offset;
+  out["dst_pool"] = f.dst_pool;
+  out["dst_offset"] = f.dst_offset;
+  out["bytes"] = f.bytes;
+  return out;
+}
+
+absl::StatusOr<ordered_json> Fragments(const json& input) {
+  absl::StatusOr<Fields> fields = Fields::Open(
+      input, "", {"model", "context", "generation", "request", "max_fragments_listed"});
+  if (!fields.ok()) return fields.status();
+  absl::StatusOr<const json*> model_json = fields->Required("model");
+  if (!model_json.ok()) return model_json.status();
+  absl::StatusOr<transfer::ModelSpec> model = ParseModel(**model_json);
+  if (!model.ok()) return model.status();
+
+  absl::StatusOr<const json*> request_json = fields->Required("request");
+  if (!request_json.ok()) return request_json.status();
+  absl::StatusOr<Fields> request = Fields::Open(**request_json, "request",
+                                                {"prompt_len", "token_range"});
+  if (!request.ok()) return request.status();
+  absl::StatusOr<int64_t> prompt_len = request->Tokens("prompt_len", 0);
+  if (!prompt_len.ok()) return prompt_len.status();
+  absl::StatusOr<std::optional<TokenRange>> range = OptionalTokenRange(*request, *prompt_len);
+  if (!range.ok()) return range.status();
+  const Shared shared{model->tokens_per_block, *prompt_len, *range};
+
+  absl::StatusOr<FragmentsSide> context =
+      ParseFragmentsSide(*fields, "context", *model, shared, Side::kContext);
+  if (!context.ok()) return context.status();
+  absl::StatusOr<FragmentsSide> generation =
+      ParseFragmentsSide(*fields, "generation", *model, shared, Side::kGeneration);
+  if (!generation.ok()) return generation.status();
+  absl::StatusOr<std::optional<int64_t>> max_listed = fields->OptionalInt(
+      "max_fragments_listed", 0, std::numeric_limits<int64_t>::max(), "an integer >= 0");
+  if (!max_listed.ok()) return max_listed.status();
+
+  // The same slice builder as `transfer` (SEMANTICS.md section 4).
+  absl::StatusOr<cache_reuse::BuiltSlice> src = BuildSliceFromInput(context->slice);
+  if (!src.ok())
+    return absl::Status(src.status().code(), absl::StrCat("context: ", src.status().message()));
+  absl::StatusOr<cache_reuse::BuiltSlice> dst = BuildSliceFromInput(generation->slice);
+  if (!dst.ok())
+    return absl::Status(dst.status().code(), absl::StrCat("generation: ", dst.status().message()));
+
+  transfer::Scenario scenario;
+  scenario.model = *model;
+  scenario.context = context->instance;
+  scenario.generation = generation->instance;
+  scenario.request.request_id = kRequestId;
+  scenario.request.prompt_len = *prompt_len;
+  scenario.request.context_dp_rank = context->dp_rank;
+  scenario.request.generation_dp_rank = generation->dp_rank;
+  absl::StatusOr<transfer::ScenarioPlan> plan =
+      transfer::PlanScenario(scenario, src->slice, dst->slice);
+  if (!plan.ok()) return plan.status();
+
+  ordered_json pairs = ordered_json::array();
+  for (const transfer::RankPairPlan& pair : plan->pairs) {
+    ordered_json out;
+    out["context_rank"] = pair.context_rank;
+    out["generation_rank"] = pair.generation_rank;
+    out["writes"] = pair.writes;
+    out["fragments_before_coalescing"] = pair.plan.fragments_before_coalescing;
+    out["fragments_after_coalescing"] = pair.plan.fragments.size();
+    ordered_json listed = ordered_json::array();
+    for (const transfer::Fragment& f : pair.plan.fragments) {
+      if (*max_listed && static_cast<int64_t>(listed.size()) >= **max_listed) break;
+      listed.push_back(FragmentJson(f));
+    }
+    out["fragments"] = std::move(listed);
+    out["bytes"] = pair.plan.total_bytes;
+    pairs.push_back(std::move(out));
+  }
+  ordered_json out;
+  out["pairs"] = std::move(pairs);
+  ordered_json totals;
+  totals["rank_pairs"] = plan->pairs.size();
+  totals["fragments_before_coalescing"] = plan->fragments_before_coalescing;
+  totals["fragments_after_coalescing"] = plan->fragments_after_coalescing;
+  totals["bytes"] = plan->total_bytes;
+  out["totals"] = std::move(totals);
+  out["block_ids"] = {{"context", src->slice.block_ids_per_layer_group},
+                      {"generation", dst->slice.block_ids_per_layer_group}};
+  out["cached_tokens"] = {{"context", src->cached_tokens}, {"generation", dst->cached_tokens}};
+  return out;
+}
+
 // No newline may split the one-line reason on stderr.
 std::string OneLine(absl::string_view text) {
   std::string line(text);
@@ -795,13 +1109,14 @@ std::string OneLine(absl::string_view text) {
 }  // namespace
 
 bool IsCommand(absl::string_view command) {
-  return command == "align" || command == "pair" || command == "slice" || command == "transfer";
+  return command == "align" || command == "pair" || command == "slice" || command == "transfer" ||
+         command == "fragments";
 }
 
 absl::StatusOr<std::string> RunCommand(absl::string_view command, absl::string_view input_json) {
   if (!IsCommand(command)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown command: ", OneLine(command),
-                                                   " (expected align, pair, slice or transfer)"));
+                                                   " (expected align, pair, slice, transfer or fragments)"));
   }
   // nlohmann keeps the last of two equal keys; a duplicated field is as likely a
   // mistake as a misspelt one, so it is rejected too. One set of keys per open
@@ -848,6 +1163,8 @@ absl::StatusOr<std::string> RunCommand(absl::string_view command, absl::string_v
       out = Pair(input);
     } else if (command == "slice") {
       out = Slice(input);
+    } else if (command == "fragments") {
+      out = Fragments(input);
     } else {
       out = Transfer(input);
     }

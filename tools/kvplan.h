@@ -2,7 +2,7 @@
 //
 // The logic of `kvplan`, the command-line tool that explains a KV-cache transfer:
 // JSON in, JSON out, through the planning core (transfer/slice.h,
-// cache_reuse/adapter.h). The binary (tools/kvplan_main.cc) only reads the input,
+// cache_reuse/adapter.h, transfer/scenario.h). The binary (tools/kvplan_main.cc) only reads the input,
 // calls RunCommand and prints; everything the tool decides is here, so it is tested
 // without a process. The contract of each command is the usage text in
 // kvplan_main.cc and tools/KVPLAN.md.
@@ -30,7 +30,7 @@ namespace kvx::kvplan {
 // arithmetic cannot overflow int64. Block ids may use the whole int64 range.
 inline constexpr int64_t kMaxTokens = (int64_t{1} << 53) - 1;
 
-// True for "align", "pair", "slice" and "transfer".
+// True for "align", "pair", "slice", "transfer" and "fragments".
 bool IsCommand(absl::string_view command);
 
 // Parses `input_json` (one JSON object), runs `command` on it and returns its
@@ -40,7 +40,8 @@ bool IsCommand(absl::string_view command);
 // InvalidArgument for an unknown command, malformed JSON (with line and column)
 // and any input the contract rejects, naming the field ("context.groups[1].window:
 // must be null or an integer > 0, got number 0"); the planning core's own errors
-// (InvalidArgument, FailedPrecondition) with their code and text.
+// (InvalidArgument, FailedPrecondition, and for fragments also OutOfRange and
+// Unimplemented) with their code and text.
 ABSL_MUST_USE_RESULT absl::StatusOr<std::string> RunCommand(absl::string_view command,
                                                             absl::string_view input_json);
 

@@ -5,6 +5,7 @@ set -uo pipefail
 
 kvplan="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/kvplan"
 example="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/examples/transfer_example.json"
+fragments_example="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/examples/fragments_example.json"
 tmp="${TEST_TMPDIR:-$(mktemp -d)}"
 failures=0
 
@@ -47,6 +48,9 @@ expect_ok "align from a file" '"src":\[12,13\]' align "${tmp}/align.json"
 input=''
 expect_ok "transfer example" '"totals":{"total_blocks":64,"moved":28,"skipped_cached":12,"skipped_window":24' \
   transfer "${example}"
+# TP2 -> TP4, 6 of 10 blocks move: per pair 6 blocks x 8 layers x K,V runs of 2 heads.
+expect_ok "fragments example" '"totals":{"rank_pairs":4,"fragments_before_coalescing":384,"fragments_after_coalescing":384,"bytes":6291456}' \
+  fragments "${fragments_example}"
 
 input='{"tokens_per_block": 8, "prompt_len": 32, "windows": [null], "src": [[1, 2, 3, 4]], "dst": [[5, 6, 7, 8, 9, 10]]}'
 expect_error "destination surplus of two" 'kvplan: pair: destination block list longer than its suffix' pair
@@ -66,7 +70,8 @@ expect_error "two files" 'too many arguments' align a.json b.json
 
 "${kvplan}" --help >"${tmp}/out" 2>"${tmp}/err" || fail "--help: exit $?"
 grep -q 'transfer_example.json' "${tmp}/out" || fail "--help lacks the example"
-for command in align pair slice transfer; do
+grep -q 'fragments_example.json' "${tmp}/out" || fail "--help lacks the fragments example"
+for command in align pair slice transfer fragments; do
   grep -q "^  ${command} " "${tmp}/out" || fail "--help lacks ${command}"
 done
 

@@ -29,7 +29,7 @@ prints nothing on stdout. Unknown fields and fields given twice are rejected (a
 typo never becomes a default); an optional field given as null counts as absent. Integers only (no 8.0,
 no "8"); token counts and positions are 0 <= n <= 2^53-1, tokens_per_block >= 1,
 block ids >= 0. token_range is [start, end] with 0 <= start < end; in slice and
-transfer also end <= prompt_len. Semantics: SEMANTICS.md sections 2-5.
+transfer also end <= prompt_len. Semantics: SEMANTICS.md sections 2-6.
 
 Commands:
   align     Pairs two block lists by the tokens they cover (section 5 step 7).
@@ -96,6 +96,44 @@ Commands:
               moved           the pairs; the four add up to total_blocks
             Mamba groups count 0 everywhere.
 
+  fragments The byte ranges one request moves between every (context rank,
+            generation rank) pair, before and after coalescing (sections 4-6).
+            Every rank uses the standard layout of transfer/scenario.h: one pool
+            per model group, a slot holds the rank's layers of the group, each K
+            then V (MLA: the latent), each [head][token-in-block][dim].
+            in:  {"model": {"num_layers", "num_kv_heads", "head_size",
+                            "element_bytes", "tokens_per_block", "mla"?: bool,
+                            "groups"?: [{"window"?: null | W,
+                                         "layers"?: [increasing layer ids]}]},
+                  "request": {"prompt_len", "token_range"?},
+                  "context": {side}, "generation": {side},
+                  "max_fragments_listed"?: n}
+            model.groups defaults to one full-attention group of every layer;
+            "layers" may be left out only by a single group.
+            side: {"tp", "pp_layers"?: [layers per PP stage] (default all on one),
+                   "attention_dp"?: bool, "dp_rank"?: n (default 0; the request's
+                   rank when attention_dp), "num_slots"?: n (default: the largest
+                   block id of the side's slice + 1), "generation_only"?,
+                   "reuse"?, "groups"?: [{"window"?, "block_ids": [ids]}, ...]}
+            reuse and groups are those of a slice input: positional tables, one per
+            model group (a window, if given, must be the model's); groups absent:
+            identity tables 0..cdiv(end, tpb)-1. Each side's slice is built as in
+            transfer (the generation side with its reuse), then paired and planned.
+            out: {"pairs": [{"context_rank", "generation_rank",
+                             "writes": false for a replica that only reports,
+                             "fragments_before_coalescing",
+                             "fragments_after_coalescing",
+                             "fragments": [{"src_pool", "src_offset", "dst_pool",
+                                            "dst_offset", "bytes"}, ...],
+                             "bytes"}, ...],
+                  "totals": {"rank_pairs", "fragments_before_coalescing",
+                             "fragments_after_coalescing", "bytes"},
+                  "block_ids": {"context": [[...]], "generation": [[...]]},
+                  "cached_tokens": {"context": [...], "generation": [...]}}
+            Ranks are pp_rank * tp + tp_rank; offsets are bytes from the start
+            of the pool. max_fragments_listed caps each pair's "fragments" list
+            (counts and bytes still cover all); absent: every fragment.
+
 Examples:
   echo '{"tokens_per_block": 8, "src": [10, 11, 12, 13], "dst": [22, 23],
          "src_start_token": 0, "dst_start_token": 16}' |
@@ -104,6 +142,7 @@ Examples:
          "src": [[1, 2, 3, 4], [10, 11]], "dst": [[22, 23], [20, 21, 22]]}' |
     bazel run //tools:kvplan -- pair
   bazel run //tools:kvplan -- transfer $PWD/tools/examples/transfer_example.json
+  bazel run //tools:kvplan -- fragments $PWD/tools/examples/fragments_example.json
 A relative file under `bazel run` resolves against the directory bazel was run
 from (BUILD_WORKING_DIRECTORY).)";
 
@@ -159,7 +198,7 @@ int main(int argc, char** argv) {
   const std::string command = args[1];
   if (!kvx::kvplan::IsCommand(command)) {
     return Fail(absl::StrCat("unknown command: ", command,
-                             " (expected align, pair, slice or transfer; try --help)"));
+                             " (expected align, pair, slice, transfer or fragments; try --help)"));
   }
   if (args.size() > 3) {
     return Fail(absl::StrCat(command, ": too many arguments (expected at most one file)"));

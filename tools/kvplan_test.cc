@@ -362,11 +362,131 @@ TEST(KvplanTransfer, NamesTheSideWhoseBlockIsGone) {
 // ---------------------------------------------------------------------------
 // Rejected input: every reason is one line and names the field.
 
+// ---------------------------------------------------------------------------
+// fragments: a small model (2 layers, 4 KV heads, head size 8, 2-byte elements,
+// 4 tokens per block): one head of one block is 64 bytes.
+
+json TinyModel() {
+  return {{"num_layers", 2},
+          {"num_kv_heads", 4},
+          {"head_size", 8},
+          {"element_bytes", 2},
+          {"tokens_per_block", 4}};
+}
+
+json FragmentJson(int64_t src_offset, int64_t dst_offset, int64_t bytes) {
+  return {{"src_pool", 0},
+          {"src_offset", src_offset},
+          {"dst_pool", 0},
+          {"dst_offset", dst_offset},
+          {"bytes", bytes}};
+}
+
+TEST(KvplanFragments, IdenticalLayoutCoalescesToOneFragmentPerPair) {
+  // TP2 both sides: a slot is 2 layers x K,V x 2 heads x 64 bytes = 512 bytes; the
+  // four consecutive blocks on each side are one 2048-byte run per rank pair.
+  const json out = RunJson(
+      "fragments", {{"model", TinyModel()},
+                    {"request", {{"prompt_len", 16}}},
+                    {"context", {{"tp", 2}}},
+                    {"generation", {{"tp", 2}, {"groups", {{{"block_ids", {5, 6, 7, 8}}}}}}}});
+  ASSERT_EQ(out["pairs"].size(), 2u);
+  for (int rank = 0; rank < 2; ++rank) {
+    SCOPED_TRACE(rank);
+    const json& pair = out["pairs"][rank];
+    EXPECT_EQ(pair["context_rank"], rank);
+    EXPECT_EQ(pair["generation_rank"], rank);
+    EXPECT_EQ(pair["writes"], true);
+    EXPECT_EQ(pair["fragments_before_coalescing"], 4);
+    EXPECT_EQ(pair["fragments_after_coalescing"], 1);
+    EXPECT_EQ(pair["fragments"], json::array({FragmentJson(0, 5 * 512, 2048)}));
+    EXPECT_EQ(pair["bytes"], 2048);
+  }
+  EXPECT_EQ(out["totals"], json({{"rank_pairs", 2},
+                                 {"fragments_before_coalescing", 8},
+                                 {"fragments_after_coalescing", 2},
+                                 {"bytes", 4096}}));
+  EXPECT_EQ(out["block_ids"]["generation"], json::array({{5, 6, 7, 8}}));
+}
+
+TEST(KvplanFragments, TpMismatchGivesPerHeadFragments) {
+  // TP1 -> TP2: the context rank holds heads 0-3 (K buffer 256 bytes, a layer 512),
+  // each generation rank two of them (K buffer 128 bytes): per block, layer and
+  // K/V one 128-byte run at the head offset of the generation rank.
+  const json out = RunJson("fragments", {{"model", TinyModel()},
+                                         {"request", {{"prompt_len", 16}}},
+                                         {"context", {{"tp", 1}}},
+                                         {"generation", {{"tp", 2}}},
+                                         {"max_fragments_listed", 2}});
+  ASSERT_EQ(out["pairs"].size(), 2u);
+  const json& second = out["pairs"][1];
+  EXPECT_EQ(second["generation_rank"], 1);
+  EXPECT_EQ(second["fragments_before_coalescing"], 4 * 2 * 2);
+  EXPECT_EQ(second["fragments_after_coalescing"], 4 * 2 * 2);
+  EXPECT_EQ(second["fragments"],
+            json::array({FragmentJson(128, 0, 128), FragmentJson(256 + 128, 128, 128)}));
+  EXPECT_EQ(second["bytes"], 16 * 128);
+  EXPECT_EQ(out["pairs"][0]["fragments"][0], FragmentJson(0, 0, 128));
+  EXPECT_EQ(out["totals"]["fragments_after_coalescing"], 32);
+  EXPECT_EQ(out["totals"]["bytes"], 32 * 128);
+}
+
+TEST(KvplanFragments, GenerationPrefixHitAndWindowShortenTheSlices) {
+  // A W=8 group (layer 0) and a full group (layer 1), PP2 -> PP1; the generation
+  // side holds 9 tokens already (V1, floored to 2 blocks): the full group moves
+  // blocks 2-3; the window group starts at block 2 anyway.
+  const json model = {{"num_layers", 2},
+                      {"num_kv_heads", 4},
+                      {"head_size", 8},
+                      {"element_bytes", 2},
+                      {"tokens_per_block", 4},
+                      {"groups", {{{"window", 8}, {"layers", {0}}}, {{"layers", {1}}}}}};
+  const json out = RunJson(
+      "fragments",
+      {{"model", model},
+       {"request", {{"prompt_len", 16}}},
+       {"context", {{"tp", 1}, {"pp_layers", {1, 1}}}},
+       {"generation",
+        {{"tp", 1},
+         {"reuse", {{"enabled", true}, {"adapter", "v1"}, {"prepopulated_prompt_len", 9}}},
+         {"groups",
+          {{{"block_ids", {10, 11, 12, 13}}}, {{"block_ids", {20, 21, 22, 23, 24}}}}}}}});
+  EXPECT_EQ(out["cached_tokens"]["generation"], json::array({8, 8}));
+  EXPECT_EQ(out["block_ids"]["context"], json::array({{2, 3}, {0, 1, 2, 3}}));
+  EXPECT_EQ(out["block_ids"]["generation"], json::array({{12, 13}, {22, 23}}));
+  ASSERT_EQ(out["pairs"].size(), 2u);
+  // Each stage writes its one layer's K and V (256 bytes each) of two blocks.
+  for (const json& pair : out["pairs"]) EXPECT_EQ(pair["bytes"], 2 * 2 * 256);
+}
+
+TEST(KvplanFragments, CoreErrorsKeepTheirCode) {
+  const json input = {{"model", TinyModel()},
+                      {"request", {{"prompt_len", 16}}},
+                      {"context", {{"tp", 1}, {"num_slots", 2}}},
+                      {"generation", {{"tp", 1}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block=2 num_slots=2")));
+  json bad_tp = input;
+  bad_tp["context"] = {{"tp", 3}};
+  EXPECT_THAT(RunCommand("fragments", bad_tp.dump()),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("tp_size=3")));
+  json gone = input;
+  gone["context"] = {{"tp", 1}, {"groups", {{{"block_ids", {0, -1, 2, 3}}}}}};
+  EXPECT_THAT(RunCommand("fragments", gone.dump()),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("context: a block the transfer needs is not held")));
+}
+
 TEST(KvplanRejects, MalformedAndInvalidInput) {
   const std::string kAlign =
       R"("src": [1], "dst": [2], "src_start_token": 0, "dst_start_token": 0)";
   const std::string kPair = R"("tokens_per_block": 8, "prompt_len": 32)";
   const std::string kSlice = R"("tokens_per_block": 8, "prompt_len": 32, "side": "context")";
+  const std::string kFragmentsModel =
+      R"("model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
+                   "tokens_per_block": 4})";
+  const std::string kFragmentsRest =
+      R"("request": {"prompt_len": 16}, "context": {"tp": 1}, "generation": {"tp": 1})";
   struct Row {
     const char* command;
     std::string input;
@@ -467,6 +587,70 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
       {"transfer", R"({"tokens_per_block": 8, "prompt_len": 32, "context": {"groups": []},
                        "generation": {"groups": [{"block_ids": []}]}})",
        "generation.groups: must list the same layer groups"},
+      {"fragments", "{" + kFragmentsModel + "}", "request: missing required field"},
+      {"fragments",
+       R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8,
+                     "tokens_per_block": 4}})",
+       "model.element_bytes: missing required field"},
+      {"fragments", "{" + kFragmentsModel + ", " + kFragmentsRest + ", \"extra\": 1}",
+       "extra: unknown field"},
+      {"fragments",
+       R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
+                     "tokens_per_block": 4, "groups": [{"window": 0}]}, )" +
+           kFragmentsRest + "}",
+       "model.groups[0].window: must be null or an integer > 0, got 0"},
+      {"fragments",
+       R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
+                     "tokens_per_block": 4, "groups": [{"layers": [0]}, {"window": 8}]}, )" +
+           kFragmentsRest + "}",
+       "model.groups[1].layers: missing required field"},
+      {"fragments",
+       R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
+                     "tokens_per_block": 4, "groups": [{"layers": [1, 0]}]}, )" +
+           kFragmentsRest + "}",
+       "model.groups[0].layers[1]: layer ids must increase"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 0}, "generation": {"tp": 1}})",
+       "context.tp: must be an integer in [1, 4096], got 0"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1, "tpp": 2},
+               "generation": {"tp": 1}})",
+       "context.tpp: unknown field"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1, "pp_layers": [1, 2]},
+               "generation": {"tp": 1}})",
+       "context.pp_layers: must add up to model.num_layers, got 3 vs 2"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1},
+               "generation": {"tp": 2, "dp_rank": 2}})",
+       "generation.dp_rank: must be an integer in [0, tp-1=1], got 2"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1},
+               "generation": {"tp": 1, "groups": [{"block_ids": []}, {"block_ids": []}]}})",
+       "generation.groups: must list one block table per model group: groups=2 model_groups=1"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1},
+               "generation": {"tp": 1, "groups": [{"window": 8, "block_ids": [0, 1, 2, 3]}]}})",
+       "generation.groups[0].window: must match model.groups[0].window, got 8 vs null"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16}, "context": {"tp": 1},
+               "generation": {"tp": 1, "groups": [{"kind": "mamba"}]}})",
+       "generation.groups[0].kind: fragments plans attention groups only"},
+      {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 16, "token_range": [0, 20]}, "context": {"tp": 1},
+               "generation": {"tp": 1}})",
+       "request.token_range: must end at or before the prompt's end"},
+      {"fragments",
+       "{" + kFragmentsModel + ", " + kFragmentsRest + ", \"max_fragments_listed\": -1}",
+       "max_fragments_listed: must be an integer >= 0, got -1"},
       {"plan", "{}", "unknown command: plan"},
   };
   for (const Row& row : rows) {
