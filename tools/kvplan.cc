@@ -811,6 +811,7 @@ absl::StatusOr<ordered_json> Transfer(const json& input) {
 // Bounds that keep one run of the tool in memory: far past any deployment.
 constexpr int64_t kMaxLayers = int64_t{1} << 16;
 constexpr int64_t kMaxTpSize = 4096;
+constexpr int64_t kMaxRanks = 65536;  // tp x pp stages of one instance
 // A side without block tables gets the identity table of cdiv(end, tpb) blocks.
 constexpr int64_t kMaxIdentityBlocks = int64_t{1} << 20;
 
@@ -939,6 +940,12 @@ absl::StatusOr<FragmentsSide> ParseFragmentsSide(const Fields& top, absl::string
                                            model.num_layers));
     }
   }
+  // Every rank gets a page table: bound the instance, not just each factor.
+  if (*tp * static_cast<int64_t>(pp_layers.size()) > kMaxRanks) {
+    return FieldError(fields->Name("tp"),
+                      absl::StrCat("tp x pp stages must be at most ", kMaxRanks, ", got tp=", *tp,
+                                   " pp=", pp_layers.size()));
+  }
   out.instance.topology = transfer::MakeTopology(*tp, std::move(pp_layers));
   absl::StatusOr<bool> dp = fields->OptionalBool("attention_dp", false);
   if (!dp.ok()) return dp.status();
@@ -972,8 +979,8 @@ absl::StatusOr<FragmentsSide> ParseFragmentsSide(const Fields& top, absl::string
     const int64_t total = transfer::CeilDiv(end, shared.tokens_per_block);
     if (total > kMaxIdentityBlocks) {
       return FieldError(fields->Name("groups"),
-                        absl::StrCat("needed: the default identity tables would hold ", total,
-                                     " blocks (max ", kMaxIdentityBlocks, ")"));
+                        absl::StrCat("missing, and the default identity tables would hold ", total,
+                                     " blocks (max ", kMaxIdentityBlocks, "); give block_ids"));
     }
     BlockList identity(total);
     for (int64_t b = 0; b < total; ++b) identity[b] = b;

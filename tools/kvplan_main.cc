@@ -133,6 +133,8 @@ Commands:
             Ranks are pp_rank * tp + tp_rank; offsets are bytes from the start
             of the pool. max_fragments_listed caps each pair's "fragments" list
             (counts and bytes still cover all); absent: every fragment.
+            Bounds: num_layers <= 65536, tp <= 4096, tp x stages <= 65536,
+            default identity tables <= 2^20 blocks.
 
 Examples:
   echo '{"tokens_per_block": 8, "src": [10, 11, 12, 13], "dst": [22, 23],

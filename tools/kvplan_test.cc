@@ -649,6 +649,11 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
                "generation": {"tp": 1}})",
        "request.token_range: must end at or before the prompt's end"},
       {"fragments",
+       "{" + kFragmentsModel +
+           R"(, "request": {"prompt_len": 9007199254740991}, "context": {"tp": 1},
+               "generation": {"tp": 1}})",
+       "context.groups: missing, and the default identity tables would hold"},
+      {"fragments",
        "{" + kFragmentsModel + ", " + kFragmentsRest + ", \"max_fragments_listed\": -1}",
        "max_fragments_listed: must be an integer >= 0, got -1"},
       {"plan", "{}", "unknown command: plan"},
