@@ -94,7 +94,8 @@ class WriteEngine : public transport::Transport {
   ~WriteEngine() override;
 
   absl::StatusOr<transport::LocalRegion> RegisterMemory(void* base, uint64_t length,
-                                                        transport::MemoryKind kind) override;
+                                                        transport::MemoryKind kind =
+                                                            transport::MemoryKind::kHost) override;
   absl::Status DeregisterMemory(int64_t region_id) override;
   absl::StatusOr<transport::PeerId> AddPeer(absl::string_view address) override;
   absl::StatusOr<transport::TransferId> PostWrites(transport::PeerId peer,
