@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -54,6 +55,11 @@ ABSL_FLAG(uint64_t, buffer_bytes, uint64_t{1} << 30, "size of each of the two bu
 ABSL_FLAG(int64_t, scatter_count, 4096, "writes in the scattered case (0 skips it)");
 ABSL_FLAG(uint64_t, scatter_bytes, 65536, "size of each scattered write");
 ABSL_FLAG(int64_t, repeat, 3, "runs per row; the median is printed");
+ABSL_FLAG(bool, baseline_own_thread, true,
+          "baseline: run the write loop on its own thread while main waits, as the kvx "
+          "owner thread does (false: on main; see README.md on 2-core placement)");
+ABSL_FLAG(int64_t, idle_poll_us, 0,
+          "libfabric endpoints: owner-thread sleep between polls when idle (0 spins)");
 
 namespace kvx::transport {
 namespace {
@@ -99,14 +105,16 @@ class TransportRunner {
       if (provider == "loopback") {
         LoopbackOptions options;
         options.window = absl::GetFlag(FLAGS_window);
-        options.idle_poll_interval = absl::ZeroDuration();
+        // Loopback needs no progress on the target: let idle endpoints sleep.
         created = CreateLoopbackTransport(options);
       } else {
         LibfabricOptions options;
         options.provider = provider == "tcp" ? "tcp;ofi_rxm" : provider;
         options.node = "127.0.0.1";
         options.window = absl::GetFlag(FLAGS_window);
-        options.idle_poll_interval = absl::ZeroDuration();
+        // Spin like the baseline's target thread by default: tcp and shm progress
+        // manually, so the target endpoint must keep polling.
+        options.idle_poll_interval = absl::Microseconds(absl::GetFlag(FLAGS_idle_poll_us));
         created = CreateLibfabricTransport(options);
       }
       if (!created.ok()) return created.status();
@@ -318,12 +326,20 @@ absl::Status Main() {
         BaselineRunner::Create(provider, src.data(), dst.data(), buffer);
     if (!r.ok()) return r.status();
     baseline = *std::move(r);
-    run = [&](const std::vector<Write>& w) { return baseline->Run(w); };
+    run = [&](const std::vector<Write>& w) -> absl::StatusOr<absl::Duration> {
+      if (!absl::GetFlag(FLAGS_baseline_own_thread)) return baseline->Run(w);
+      absl::StatusOr<absl::Duration> result;
+      std::thread loop([&] { result = baseline->Run(w); });
+      loop.join();
+      return result;
+    };
   } else {
     return absl::InvalidArgumentError(absl::StrCat("bad mode/provider: mode=", mode, " provider=", provider));
   }
-  std::printf("# provider=%s mode=%s window=%lld buffer_bytes=%llu\n", provider.c_str(),
-              mode.c_str(), static_cast<long long>(absl::GetFlag(FLAGS_window)),
+  std::printf("# provider=%s mode=%s%s window=%lld buffer_bytes=%llu\n", provider.c_str(),
+              mode.c_str(),
+              mode == "baseline" && !absl::GetFlag(FLAGS_baseline_own_thread) ? " (on main)" : "",
+              static_cast<long long>(absl::GetFlag(FLAGS_window)),
               static_cast<unsigned long long>(buffer));
   std::printf("%-10s %10s %8s %10s %10s %10s %10s %12s %6s\n", "case", "bytes", "iters",
               "total", "time", "MB/sec", "usec/xfer", "memcpy_MB/s", "ratio");

@@ -125,6 +125,11 @@ absl::StatusOr<TransferId> WriteEngine::PostWrites(PeerId peer_id,
   const uint64_t max_piece = std::max<uint64_t>(1, options_.max_write_bytes);
   NewTransfer transfer;
   transfer.deadline = deadline;
+  uint64_t peer_handle = 0;
+  // Region of each write, resolved under the lock; stable afterwards because the
+  // busy counts taken below keep the regions registered.
+  std::vector<Region*> region_of(writes.size());
+  size_t num_pieces = 0;
   {
     MutexLock lock(&mu_);
     if (stop_) return absl::FailedPreconditionError("transport is shutting down");
@@ -133,21 +138,27 @@ absl::StatusOr<TransferId> WriteEngine::PostWrites(PeerId peer_id,
       return absl::NotFoundError(absl::StrCat("no such peer: peer=", peer_id));
     }
     // Validate everything before taking anything, so an error queues nothing.
+    int64_t cached_id = 0;
+    Region* cached = nullptr;  // Consecutive writes mostly share a region.
     for (size_t i = 0; i < writes.size(); ++i) {
       const WriteOp& w = writes[i];
-      auto region = regions_.find(w.local_region);
-      if (region == regions_.end()) {
-        return absl::NotFoundError(absl::StrCat("no such local region: write=", i,
-                                                " region=", w.local_region));
+      if (cached == nullptr || cached_id != w.local_region) {
+        auto region = regions_.find(w.local_region);
+        if (region == regions_.end()) {
+          return absl::NotFoundError(absl::StrCat("no such local region: write=", i,
+                                                  " region=", w.local_region));
+        }
+        cached_id = w.local_region;
+        cached = &region->second;
       }
       if (w.length == 0) {
         return absl::InvalidArgumentError(absl::StrCat("zero-length write: write=", i));
       }
-      if (!RangeFits(w.local_offset, w.length, region->second.length)) {
+      if (!RangeFits(w.local_offset, w.length, cached->length)) {
         return absl::OutOfRangeError(absl::StrCat(
             "write past the end of its local region: write=", i, " region=",
             w.local_region, " offset=", w.local_offset, " length=", w.length,
-            " region_length=", region->second.length));
+            " region_length=", cached->length));
       }
       if (!RangeFits(w.remote_offset, w.length, w.remote.length)) {
         return absl::OutOfRangeError(absl::StrCat(
@@ -155,35 +166,46 @@ absl::StatusOr<TransferId> WriteEngine::PostWrites(PeerId peer_id,
             peer->second.name, " offset=", w.remote_offset, " length=", w.length,
             " region_length=", w.remote.length, " key=", w.remote.key));
       }
+      region_of[i] = cached;
+      num_pieces += static_cast<size_t>((w.length - 1) / max_piece + 1);
+    }
+    // Take: every piece keeps its region registered until it finishes.
+    for (size_t i = 0; i < writes.size(); ++i) {
+      region_of[i]->busy_pieces +=
+          static_cast<int64_t>((writes[i].length - 1) / max_piece + 1);
     }
     transfer.id = next_id_++;
     transfer.peer_name = peer->second.name;
-    for (size_t i = 0; i < writes.size(); ++i) {
-      const WriteOp& w = writes[i];
-      Region& region = regions_[w.local_region];
-      for (uint64_t done = 0; done < w.length; done += max_piece) {
-        Piece piece;
-        piece.transfer = transfer.id;
-        piece.write_index = static_cast<int64_t>(i);
-        piece.region_id = w.local_region;
-        piece.write.local = region.base + w.local_offset + done;
-        piece.write.local_desc = region.backend.desc;
-        piece.write.peer = peer->second.handle;
-        piece.write.remote_address = w.remote.address + w.remote_offset + done;
-        piece.write.remote_key = w.remote.key;
-        piece.write.length = std::min(max_piece, w.length - done);
-        transfer.pieces.push_back(piece);
-        ++region.busy_pieces;
-      }
-    }
-    transfer.pieces.back().last = true;
-    transfer.pieces.back().write.deliver_complete = true;
+    peer_handle = peer->second.handle;
     transfers_[transfer.id] = std::nullopt;
-    const TransferId id = transfer.id;
-    submitted_.push_back(std::move(transfer));
-    work_cv_.SignalAll();
-    return id;
   }
+  // Split outside the lock: callers and the owner thread are not held up by it.
+  transfer.pieces.reserve(num_pieces);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const WriteOp& w = writes[i];
+    const Region& region = *region_of[i];
+    for (uint64_t done = 0; done < w.length; done += max_piece) {
+      Piece& piece = transfer.pieces.emplace_back();
+      piece.transfer = transfer.id;
+      piece.write_index = static_cast<int64_t>(i);
+      piece.region_id = w.local_region;
+      piece.write.local = region.base + w.local_offset + done;
+      piece.write.local_desc = region.backend.desc;
+      piece.write.peer = peer_handle;
+      piece.write.remote_address = w.remote.address + w.remote_offset + done;
+      piece.write.remote_key = w.remote.key;
+      piece.write.length = std::min(max_piece, w.length - done);
+    }
+  }
+  transfer.pieces.back().last = true;
+  transfer.pieces.back().write.deliver_complete = true;
+  const TransferId id = transfer.id;
+  {
+    MutexLock lock(&mu_);
+    submitted_.push_back(std::move(transfer));
+  }
+  work_cv_.SignalAll();
+  return id;
 }
 
 absl::StatusOr<TransferState> WriteEngine::PollTransfer(TransferId id) {
@@ -239,16 +261,23 @@ void WriteEngine::OwnerLoop() {
       p.peer_name = std::move(t.peer_name);
       p.total = static_cast<int64_t>(t.pieces.size());
       p.queued = p.total;
-      for (Piece& piece : t.pieces) pending_.push_back(piece);
+      t.progress = &p;
+      pending_.push_back(std::move(t));
     }
     incoming.clear();
 
     completions_.clear();
     PollBackend(&completions_);
+    TransferId cached_id = 0;
+    Progress* cached = nullptr;  // Consecutive completions mostly share a transfer.
     for (Completion& c : completions_) {
       busy = true;
       Slot* slot = static_cast<Slot*>(c.context);
-      Progress& p = progress_[slot->transfer];
+      if (cached == nullptr || cached_id != slot->transfer) {
+        cached_id = slot->transfer;
+        cached = &progress_[cached_id];
+      }
+      Progress& p = *cached;
       --p.in_flight;
       if (c.status.ok()) {
         ++p.done;
@@ -291,9 +320,9 @@ void WriteEngine::OwnerLoop() {
 
     if (!results_.empty() || !finished_regions_.empty()) {
       MutexLock lock(&mu_);
-      for (int64_t region_id : finished_regions_) {
+      for (const auto& [region_id, pieces] : finished_regions_) {
         auto region = regions_.find(region_id);
-        if (region != regions_.end()) --region->second.busy_pieces;
+        if (region != regions_.end()) region->second.busy_pieces -= pieces;
       }
       for (auto& [id, status] : results_) {
         auto it = transfers_.find(id);
@@ -310,13 +339,19 @@ void WriteEngine::OwnerLoop() {
 bool WriteEngine::PostPending() {
   bool busy = false;
   while (!pending_.empty() && !free_slots_.empty()) {
-    Piece& piece = pending_.front();
-    Progress& p = progress_[piece.transfer];
+    NewTransfer& batch = pending_.front();
+    if (batch.next == batch.pieces.size()) {
+      pending_.pop_front();
+      continue;
+    }
+    const Piece& piece = batch.pieces[batch.next];
+    Progress& p = *batch.progress;  // Not erased while it has queued pieces.
     if (!p.error.ok()) {
       // The transfer failed or expired: drop what it has not posted yet.
-      --p.queued;
-      FinishPiece(piece.region_id);
-      pending_.pop_front();
+      for (; batch.next < batch.pieces.size(); ++batch.next) {
+        --p.queued;
+        FinishPiece(batch.pieces[batch.next].region_id);
+      }
       busy = true;
       continue;
     }
@@ -341,13 +376,17 @@ bool WriteEngine::PostPending() {
                        result.status().message()));
       FinishPiece(piece.region_id);
     }
-    pending_.pop_front();
+    ++batch.next;
   }
   return busy;
 }
 
 void WriteEngine::FinishPiece(int64_t region_id) {
-  finished_regions_.push_back(region_id);
+  if (!finished_regions_.empty() && finished_regions_.back().first == region_id) {
+    ++finished_regions_.back().second;
+  } else {
+    finished_regions_.emplace_back(region_id, 1);
+  }
 }
 
 void WriteEngine::Publish(TransferId id, absl::Status status) {

@@ -36,6 +36,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -141,11 +142,15 @@ class WriteEngine : public transport::Transport {
     PostedWrite write;
     bool last = false;
   };
+  struct Progress;
+  // A posted batch; the owner thread walks `pieces` in place from `next`.
   struct NewTransfer {
     transport::TransferId id = 0;
     absl::Time deadline;
     std::string peer_name;
     std::vector<Piece> pieces;
+    size_t next = 0;
+    Progress* progress = nullptr;  // Owner thread: set when taken from submitted_.
   };
   // Owner-thread state of one transfer.
   struct Progress {
@@ -187,12 +192,14 @@ class WriteEngine : public transport::Transport {
       ABSL_GUARDED_BY(mu_);
 
   // Owner thread only.
-  std::deque<Piece> pending_;
-  absl::flat_hash_map<transport::TransferId, Progress> progress_;
+  std::deque<NewTransfer> pending_;
+  // Node map: Progress pointers stay valid while other transfers come and go.
+  absl::node_hash_map<transport::TransferId, Progress> progress_;
   std::vector<Slot> slots_;
   std::vector<Slot*> free_slots_;
   std::vector<Completion> completions_;
-  std::vector<int64_t> finished_regions_;  // Busy counts to release, batched.
+  // Busy counts to release, batched as (region, pieces) runs.
+  std::vector<std::pair<int64_t, int64_t>> finished_regions_;
   std::vector<std::pair<transport::TransferId, absl::Status>> results_;  // To publish.
 
   std::thread owner_;

@@ -30,7 +30,7 @@ absl::StatusOr<std::unique_ptr<FabricEndpoint>> FabricEndpoint::Open(InfoPtr inf
   if (ret != 0) return FabricError("fi_domain", ret);
 
   fi_cq_attr cq_attr = {};
-  cq_attr.size = static_cast<size_t>(std::max<int64_t>(cq_size, 128));
+  cq_attr.size = static_cast<size_t>(std::max<int64_t>(cq_size, 1024));
   cq_attr.format = FI_CQ_FORMAT_CONTEXT;
   // Spin on fi_cq_read: shm's wait objects fail or hang (notes, item 6).
   cq_attr.wait_obj = FI_WAIT_NONE;
