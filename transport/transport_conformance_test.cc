@@ -17,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
+#include "transport/internal/sanitizers.h"
 #include "transport/transport.h"
 
 namespace kvx::transport {
@@ -75,7 +76,7 @@ TEST_P(TransportConformanceTest, RandomFragmentsArriveByteExactWithGuards) {
   const uint32_t seed = ::testing::UnitTest::GetInstance()->random_seed();
   SCOPED_TRACE(absl::StrCat("seed=", seed));
   std::mt19937_64 rng(seed);
-  const uint64_t max_fragment = kSanitizedBuild ? (uint64_t{8} << 20) : (uint64_t{64} << 20);
+  const uint64_t max_fragment = transport_internal::kSanitizedBuild ? (uint64_t{8} << 20) : (uint64_t{64} << 20);
   const uint64_t budget = 2 * max_fragment + (uint64_t{16} << 20);
 
   // Fragments laid out in the target in order with random guard gaps, each taken from
@@ -204,7 +205,7 @@ TEST_P(TransportConformanceTest, TargetRefusesWrongKeyAndForgedLength) {
 }
 
 TEST_P(TransportConformanceTest, DeregisterWhileInFlightIsRefused) {
-  const size_t n = kSanitizedBuild ? (8 << 20) : (64 << 20);
+  const size_t n = transport_internal::kSanitizedBuild ? (8 << 20) : (64 << 20);
   std::vector<unsigned char> src(n, 3), dst(n, 0);
   ASSERT_OK_AND_ASSIGN(LocalRegion s, initiator_->RegisterMemory(src.data(), src.size()));
   ASSERT_OK_AND_ASSIGN(LocalRegion d, target_->RegisterMemory(dst.data(), dst.size()));

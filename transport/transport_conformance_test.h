@@ -38,19 +38,6 @@ struct TransportFactory {
   std::string skip_bad_peer_tests;
 };
 
-// Sizes for the random fragment test, smaller under sanitizers.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-inline constexpr bool kSanitizedBuild = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-inline constexpr bool kSanitizedBuild = true;
-#else
-inline constexpr bool kSanitizedBuild = false;
-#endif
-#else
-inline constexpr bool kSanitizedBuild = false;
-#endif
-
 // Two endpoints per test: `initiator_` knows `target_` as `peer_`.
 class TransportConformanceTest : public ::testing::TestWithParam<TransportFactory> {
  protected:

@@ -390,7 +390,11 @@ void WriteEngine::FinishPiece(int64_t region_id) {
 }
 
 void WriteEngine::Publish(TransferId id, absl::Status status) {
-  results_.emplace_back(id, std::move(status));
+  // A deep copy: absl::Status shares its message by a reference count kept inside
+  // the uninstrumented Abseil library, which ThreadSanitizer cannot see, so a shared
+  // rep freed here after the caller read it is reported as a race.
+  results_.emplace_back(id, status.ok() ? absl::OkStatus()
+                                        : absl::Status(status.code(), std::string(status.message())));
 }
 
 }  // namespace kvx::transport_internal

@@ -4,10 +4,12 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
+#include "transport/internal/sanitizers.h"
 #include "transport/transport.h"
 #include "transport/transport_conformance_test.h"
 
@@ -37,7 +39,15 @@ INSTANTIATE_TEST_SUITE_P(
                            options.window = 4;
                            return CreateLibfabricTransport(options);
                          }},
-        TransportFactory{"shm", [] { return CreateLibfabricTransport(Options("shm")); },
+        TransportFactory{"shm",
+                         []() -> absl::StatusOr<std::unique_ptr<Transport>> {
+                           if (transport_internal::kThreadSanitizer) {
+                             return absl::UnavailableError(
+                                 "shm is not run under ThreadSanitizer: libfabric 1.17's "
+                                 "shm crashes or hangs in its first write there");
+                           }
+                           return CreateLibfabricTransport(Options("shm"));
+                         },
                          "shm in libfabric 1.17 never completes a write with a wrong key "
                          "and crashes writing to a closed endpoint (README.md)"}),
     [](const auto& info) { return info.param.name; });

@@ -31,6 +31,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
+#include "transport/internal/sanitizers.h"
 #include "transport/libfabric/libfabric_transport.h"
 #include "transport/transport.h"
 
@@ -42,18 +43,7 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
-
+constexpr bool kSanitized = transport_internal::kSanitizedBuild;
 constexpr unsigned char kGuard = 0xA5;
 
 // The child process and the two pipes to it. Killed and reaped on destruction.
