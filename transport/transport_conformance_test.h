@@ -35,7 +35,7 @@ struct TransportFactory {
   // When not empty, the tests with a misbehaving peer (wrong key, forged length, a
   // peer that is gone) are skipped with this reason: a backend known to hang or
   // crash there, documented in its README.
-  std::string skip_bad_peer_tests;
+  std::string skip_bad_peer_tests = "";
 };
 
 // Two endpoints per test: `initiator_` knows `target_` as `peer_`.

@@ -245,7 +245,9 @@ TEST(LibfabricTwoProcessTest, PeerKilledMidTransferFailsBeforeDeadline) {
   std::printf("transfer to a killed peer ended %s before its deadline: %s\n",
               absl::FormatDuration(deadline - ended).c_str(), status.ToString().c_str());
   // A failure is reported only once nothing is in flight, so the region is free.
-  if (!absl::IsDeadlineExceeded(status)) EXPECT_OK(initiator->DeregisterMemory(s.id));
+  if (!absl::IsDeadlineExceeded(status)) {
+    EXPECT_OK(initiator->DeregisterMemory(s.id));
+  }
 }
 
 }  // namespace
