@@ -1,0 +1,128 @@
+#include "transport/fault_injecting_transport.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "transport/internal/mutex.h"
+#include "transport/transport.h"
+
+namespace kvx::transport {
+
+using transport_internal::MutexLock;
+
+FaultInjectingTransport::FaultInjectingTransport(std::unique_ptr<Transport> inner,
+                                                 std::function<absl::Time()> clock)
+    : inner_(std::move(inner)), clock_(std::move(clock)) {}
+
+void FaultInjectingTransport::FailNthWrite(int64_t n) {
+  MutexLock lock(&mu_);
+  fail_write_ = writes_seen_ + n;
+}
+
+void FaultInjectingTransport::DelayCompletions(absl::Duration delay) {
+  MutexLock lock(&mu_);
+  delay_ = delay;
+}
+
+void FaultInjectingTransport::DropPeer(PeerId peer) {
+  MutexLock lock(&mu_);
+  dropped_.insert(peer);
+}
+
+absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
+    PeerId peer, absl::Span<const WriteOp> writes, absl::Time deadline) {
+  MutexLock lock(&mu_);
+  if (dropped_.contains(peer)) {
+    return absl::UnavailableError(absl::StrCat("injected fault: peer dropped: peer=", peer));
+  }
+  Tracked tracked;
+  tracked.peer = peer;
+  tracked.deadline = deadline;
+  size_t to_post = writes.size();
+  if (fail_write_.has_value() && *fail_write_ >= writes_seen_ &&
+      *fail_write_ < writes_seen_ + static_cast<int64_t>(writes.size())) {
+    to_post = static_cast<size_t>(*fail_write_ - writes_seen_);
+    tracked.injected = absl::UnavailableError(absl::StrCat(
+        "injected fault: remote write failed: peer=", peer, " write=", to_post));
+  }
+  if (to_post > 0 || writes.empty()) {
+    absl::StatusOr<TransferId> inner = inner_->PostWrites(peer, writes.subspan(0, to_post), deadline);
+    if (!inner.ok()) return inner.status();  // Nothing posted: the fault stays armed.
+    tracked.inner = *inner;
+  } else {
+    tracked.inner_ended = true;
+    tracked.inner_ended_at = clock_();
+  }
+  if (!tracked.injected.ok()) fail_write_.reset();
+  writes_seen_ += static_cast<int64_t>(writes.size());
+  const TransferId id = next_id_++;
+  transfers_[id] = std::move(tracked);
+  return id;
+}
+
+absl::StatusOr<TransferState> FaultInjectingTransport::PollLocked(TransferId id) {
+  auto it = transfers_.find(id);
+  if (it == transfers_.end()) {
+    return absl::NotFoundError(absl::StrCat("no such transfer: transfer=", id));
+  }
+  Tracked& t = it->second;
+  if (!t.inner_ended) {
+    absl::StatusOr<TransferState> inner = inner_->PollTransfer(*t.inner);
+    if (inner.ok() && *inner == TransferState::kInProgress) return TransferState::kInProgress;
+    t.inner_ended = true;
+    t.inner_result = inner.status();
+    t.inner_ended_at = clock_();
+  }
+  absl::Status result = t.inner_result;
+  if (dropped_.contains(t.peer)) {
+    result = absl::UnavailableError(absl::StrCat(
+        "injected fault: peer dropped mid-transfer: peer=", t.peer, " transfer=", id));
+  } else if (!t.injected.ok()) {
+    result = t.injected;
+  } else if (result.ok() && delay_ > absl::ZeroDuration()) {
+    const absl::Time now = clock_();
+    const absl::Time due = t.inner_ended_at + delay_;
+    if (due > t.deadline && now >= t.deadline) {
+      result = absl::DeadlineExceededError(absl::StrCat(
+          "injected fault: completion delayed past the deadline: transfer=", id,
+          " delay=", absl::FormatDuration(delay_)));
+    } else if (now < due) {
+      return TransferState::kInProgress;
+    }
+  }
+  transfers_.erase(it);
+  if (!result.ok()) return result;
+  return TransferState::kDone;
+}
+
+absl::StatusOr<TransferState> FaultInjectingTransport::PollTransfer(TransferId id) {
+  MutexLock lock(&mu_);
+  return PollLocked(id);
+}
+
+absl::Status FaultInjectingTransport::WaitTransfer(TransferId id, absl::Time wait_deadline) {
+  MutexLock lock(&mu_);
+  for (;;) {
+    absl::StatusOr<TransferState> state = PollLocked(id);
+    if (!state.ok()) return state.status();
+    if (*state == TransferState::kDone) return absl::OkStatus();
+    // The wrapped transport and the injected clock cannot signal us: re-check every
+    // millisecond (this is a test utility, not a hot path).
+    if (absl::Now() >= wait_deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("wait deadline passed before the transfer ended: transfer=", id));
+    }
+    cv_.WaitUntil(&lock, std::min(wait_deadline, absl::Now() + absl::Milliseconds(1)));
+  }
+}
+
+}  // namespace kvx::transport

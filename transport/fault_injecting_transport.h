@@ -1,0 +1,107 @@
+// File: transport/fault_injecting_transport.h
+//
+// A Transport that wraps another and injects faults, for tests of anything that uses
+// a Transport: fail the Nth write, delay completions, drop a peer mid-transfer.
+// Every injected fault surfaces as an error whose message starts with
+// "injected fault:"; nothing is corrupted silently (a failed write is not posted, so
+// its target bytes stay as they were).
+//
+//   auto faulty = std::make_unique<kvx::transport::FaultInjectingTransport>(
+//       *kvx::transport::CreateLoopbackTransport());
+//   faulty->FailNthWrite(3);  // The 4th write posted from now on fails.
+//
+// Reporting keeps the Transport contract: a transfer's failure is reported only once
+// the wrapped transport has ended it (nothing of it is in flight any more).
+//
+// Thread safety: all methods are thread-safe.
+
+#ifndef KVX_TRANSPORT_FAULT_INJECTING_TRANSPORT_H_
+#define KVX_TRANSPORT_FAULT_INJECTING_TRANSPORT_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "transport/internal/mutex.h"
+#include "transport/transport.h"
+
+namespace kvx::transport {
+
+class FaultInjectingTransport final : public Transport {
+ public:
+  // `clock` decides when delayed completions are due (tests pass a fake); it must be
+  // thread-safe. REQUIRES: `inner` is not null.
+  explicit FaultInjectingTransport(std::unique_ptr<Transport> inner,
+                                   std::function<absl::Time()> clock = absl::Now);
+
+  // The write with 0-based index `n`, counted over all writes posted from now on,
+  // fails: it and the writes after it in its batch are not posted, and its transfer
+  // fails with `Unavailable` naming the write. One shot.
+  void FailNthWrite(int64_t n);
+  // Each transfer is reported done only `delay` (by `clock`) after the wrapped
+  // transport finished it; if that passes its deadline it fails with
+  // `DeadlineExceeded`. Zero turns delays off.
+  void DelayCompletions(absl::Duration delay);
+  // Every unreported transfer to `peer` fails with `Unavailable` (once the wrapped
+  // transport ended it) and new writes to it are refused with `Unavailable`.
+  void DropPeer(PeerId peer);
+
+  Transport& inner() { return *inner_; }
+
+  Capabilities capabilities() const override { return inner_->capabilities(); }
+  std::string address() const override { return inner_->address(); }
+  absl::StatusOr<LocalRegion> RegisterMemory(void* base, uint64_t length,
+                                             MemoryKind kind = MemoryKind::kHost) override {
+    return inner_->RegisterMemory(base, length, kind);
+  }
+  absl::Status DeregisterMemory(int64_t region_id) override {
+    return inner_->DeregisterMemory(region_id);
+  }
+  absl::StatusOr<PeerId> AddPeer(absl::string_view address) override {
+    return inner_->AddPeer(address);
+  }
+  absl::StatusOr<TransferId> PostWrites(PeerId peer, absl::Span<const WriteOp> writes,
+                                        absl::Time deadline) override;
+  absl::StatusOr<TransferState> PollTransfer(TransferId id) override;
+  absl::Status WaitTransfer(TransferId id, absl::Time wait_deadline) override;
+
+ private:
+  struct Tracked {
+    PeerId peer = 0;
+    absl::Time deadline;
+    std::optional<TransferId> inner;  // Absent when the first write failed.
+    absl::Status injected;
+    bool inner_ended = false;
+    absl::Status inner_result;
+    absl::Time inner_ended_at;
+  };
+
+  absl::StatusOr<TransferState> PollLocked(TransferId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::unique_ptr<Transport> inner_;
+  const std::function<absl::Time()> clock_;
+
+  transport_internal::Mutex mu_;
+  transport_internal::CondVar cv_;
+  int64_t writes_seen_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<int64_t> fail_write_ ABSL_GUARDED_BY(mu_);
+  absl::Duration delay_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
+  absl::flat_hash_set<PeerId> dropped_ ABSL_GUARDED_BY(mu_);
+  TransferId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::flat_hash_map<TransferId, Tracked> transfers_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvx::transport
+
+#endif  // KVX_TRANSPORT_FAULT_INJECTING_TRANSPORT_H_

@@ -1,0 +1,76 @@
+// A libfabric target endpoint in its own process, for the two-process tests.
+//
+//   libfabric_peer --provider='tcp;ofi_rxm' --node=127.0.0.1 --bytes=1048576
+//
+// Registers --bytes of memory filled with --guard, then prints one line
+//   READY <hex endpoint address> <hex region descriptor>
+// and serves commands from stdin, one per line: DUMP writes the whole buffer, raw, to
+// stdout; EXIT (or end of input) deregisters and exits 0. The owner thread keeps
+// progressing the endpoint (manual progress) the whole time. Errors go to stderr with
+// a non-zero exit.
+
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/escaping.h"
+#include "transport/libfabric/libfabric_transport.h"
+#include "transport/transport.h"
+
+ABSL_FLAG(std::string, provider, "tcp;ofi_rxm", "libfabric provider");
+ABSL_FLAG(std::string, node, "127.0.0.1", "address to bind");
+ABSL_FLAG(uint64_t, bytes, 1 << 20, "size of the registered buffer");
+ABSL_FLAG(int, guard, 0xA5, "byte the buffer starts filled with");
+
+namespace kvx::transport {
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "libfabric_peer: %s\n", status.ToString().c_str());
+  return 1;
+}
+
+int Run() {
+  LibfabricOptions options;
+  options.provider = absl::GetFlag(FLAGS_provider);
+  options.node = absl::GetFlag(FLAGS_node);
+  absl::StatusOr<std::unique_ptr<Transport>> transport = CreateLibfabricTransport(options);
+  if (!transport.ok()) return Fail(transport.status());
+  std::vector<char> buffer(absl::GetFlag(FLAGS_bytes),
+                           static_cast<char>(absl::GetFlag(FLAGS_guard)));
+  absl::StatusOr<LocalRegion> region = (*transport)->RegisterMemory(buffer.data(), buffer.size());
+  if (!region.ok()) return Fail(region.status());
+  std::printf("READY %s %s\n", absl::BytesToHexString((*transport)->address()).c_str(),
+              absl::BytesToHexString(EncodeRegionDescriptor(region->descriptor)).c_str());
+  std::fflush(stdout);
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    if (line == "DUMP") {
+      if (std::fwrite(buffer.data(), 1, buffer.size(), stdout) != buffer.size()) {
+        return Fail(absl::DataLossError("short write of the buffer to stdout"));
+      }
+      std::fflush(stdout);
+    } else if (line == "EXIT") {
+      break;
+    } else {
+      return Fail(absl::InvalidArgumentError("unknown command: " + line));
+    }
+  }
+  absl::Status status = (*transport)->DeregisterMemory(region->id);
+  if (!status.ok()) return Fail(status);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvx::transport
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kvx::transport::Run();
+}
