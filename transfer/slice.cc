@@ -24,13 +24,17 @@ absl::Status CheckTokensPerBlock(int64_t tokens_per_block) {
   return absl::OkStatus();
 }
 
-// " request=17 slice=2 group=1", naming only what is known.
-std::string Where(const PairingOptions& options, size_t group) {
+// " request=17 slice=2", naming only what is known.
+std::string Where(const PairingOptions& options) {
   std::string where;
   if (options.request_id) absl::StrAppend(&where, " request=", *options.request_id);
   if (options.slice_id) absl::StrAppend(&where, " slice=", *options.slice_id);
-  absl::StrAppend(&where, " group=", group);
   return where;
+}
+
+// " request=17 slice=2 group=1".
+std::string Where(const PairingOptions& options, size_t group) {
+  return absl::StrCat(Where(options), " group=", group);
 }
 
 // Step 3: a list may carry one trailing draft-token block past its suffix, which
@@ -116,9 +120,7 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
   if (dst.block_ids_per_layer_group.size() != num_groups ||
       options.windows.size() != num_groups) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "layer group counts differ:", options.request_id
-                                          ? absl::StrCat(" request=", *options.request_id)
-                                          : "",
+        "layer group counts differ:", Where(options),
         " src_groups=", num_groups, " dst_groups=", dst.block_ids_per_layer_group.size(),
         " windows=", options.windows.size()));
   }
@@ -134,9 +136,7 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
 
   if (src.token_range && dst.token_range && src.token_range->end() != dst.token_range->end()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "source and destination slices end at different tokens:",
-        options.request_id ? absl::StrCat(" request=", *options.request_id) : "",
-        options.slice_id ? absl::StrCat(" slice=", *options.slice_id) : "",
+        "source and destination slices end at different tokens:", Where(options),
         " src_end=", src.token_range->end(), " dst_end=", dst.token_range->end()));
   }
 
