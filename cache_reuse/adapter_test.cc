@@ -234,6 +234,15 @@ TEST(V2Adapter, UnknownRequestCountsZeroAndDroppedPagesKeepTheirPositions) {
                        HasSubstr("num_dropped_leading=-1")));
 }
 
+TEST(V2Adapter, SplitPositionalTableInvertsThePositionalTable) {
+  const ValidPages valid = SplitPositionalTable({-1, -1, 22, 23, 91});
+  EXPECT_EQ(valid.num_dropped_leading, 2);
+  EXPECT_THAT(valid.pages, ElementsAre(22, 23, 91));
+  EXPECT_EQ(SplitPositionalTable({}).num_dropped_leading, 0);
+  // Only the leading run counts as dropped; a later gap stays a gap.
+  EXPECT_THAT(SplitPositionalTable({5, -1, 7}).pages, ElementsAre(5, -1, 7));
+}
+
 TEST(V2Adapter, CommitsOnlyRequestsThatHaveACache) {
   FakePagedCacheManager manager;
   manager.AddRequest(kRequest, 0, {ValidPages{}}, /*has_cache=*/false);

@@ -1,5 +1,6 @@
 #include "cache_reuse/v2_adapter.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -9,6 +10,15 @@
 #include "transfer/slice.h"
 
 namespace kvx::cache_reuse {
+
+ValidPages SplitPositionalTable(const transfer::BlockList& table) {
+  const auto first_held = std::find_if(table.begin(), table.end(),
+                                       [](int64_t id) { return id != kEvictedBlock; });
+  ValidPages valid;
+  valid.num_dropped_leading = first_held - table.begin();
+  valid.pages.assign(first_held, table.end());
+  return valid;
+}
 
 absl::StatusOr<int64_t> V2Adapter::GlobalCachedTokens(int64_t request_id,
                                                       int64_t tokens_per_block) const {

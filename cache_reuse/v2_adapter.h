@@ -33,6 +33,11 @@ struct ValidPages {
   transfer::BlockList pages;
 };
 
+// The inverse of V2Adapter::PositionalBlockTable: the leading kEvictedBlock entries
+// of a positional table become num_dropped_leading, the rest the pages (for managers
+// and tools that hold plain positional tables).
+ValidPages SplitPositionalTable(const transfer::BlockList& table);
+
 // What an engine's V2-style (paged) cache manager must answer.
 class PagedCacheManager {
  public:

@@ -67,13 +67,9 @@ void FakePagedCacheManager::AddRequest(int64_t request_id,
 void FakePagedCacheManager::AddRequestFromTables(
     int64_t request_id, std::optional<int64_t> num_committed_tokens,
     const std::vector<transfer::BlockList>& tables, bool has_cache) {
-  std::vector<cache_reuse::ValidPages> pages(tables.size());
-  for (size_t g = 0; g < tables.size(); ++g) {
-    const transfer::BlockList& table = tables[g];
-    size_t dropped = 0;
-    while (dropped < table.size() && table[dropped] == cache_reuse::kEvictedBlock) ++dropped;
-    pages[g].num_dropped_leading = static_cast<int64_t>(dropped);
-    pages[g].pages.assign(table.begin() + dropped, table.end());
+  std::vector<cache_reuse::ValidPages> pages;
+  for (const transfer::BlockList& table : tables) {
+    pages.push_back(cache_reuse::SplitPositionalTable(table));
   }
   AddRequest(request_id, num_committed_tokens, std::move(pages), has_cache);
 }

@@ -413,13 +413,7 @@ class JsonPagedManager final : public cache_reuse::PagedCacheManager {
     if (layer_group < 0 || static_cast<size_t>(layer_group) >= tables_->size()) {
       return absl::OutOfRangeError(absl::StrCat("no such layer group: group=", layer_group));
     }
-    const BlockList& table = (*tables_)[layer_group];
-    const auto first_held = std::find_if(
-        table.begin(), table.end(), [](int64_t id) { return id != cache_reuse::kEvictedBlock; });
-    cache_reuse::ValidPages valid;
-    valid.num_dropped_leading = first_held - table.begin();
-    valid.pages.assign(first_held, table.end());
-    return valid;
+    return cache_reuse::SplitPositionalTable((*tables_)[layer_group]);
   }
   bool HasCache(int64_t request_id) const override { return committed_.has_value(); }
   absl::Status Commit(int64_t request_id) override { return absl::OkStatus(); }
