@@ -1,7 +1,6 @@
 #include "transport/transport_conformance_test.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -15,7 +14,9 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
+#include "testing/random_fragments.h"
 #include "testing/status_matchers.h"
 #include "transport/internal/sanitizers.h"
 #include "transport/transport.h"
@@ -45,14 +46,10 @@ void TransportConformanceTest::SetUp() {
 
 namespace {
 
-void FillRandom(std::mt19937_64& rng, std::vector<unsigned char>& bytes) {
-  size_t i = 0;
-  for (; i + 8 <= bytes.size(); i += 8) {
-    const uint64_t v = rng();
-    std::memcpy(bytes.data() + i, &v, 8);
-  }
-  for (; i < bytes.size(); ++i) bytes[i] = static_cast<unsigned char>(rng());
-}
+using ::kvx::testing::FillRandom;
+using ::kvx::testing::FragmentLayout;
+using ::kvx::testing::RandomFragment;
+using ::kvx::testing::RandomFragmentLayout;
 
 TEST_P(TransportConformanceTest, SingleWriteArrivesByteExact) {
   std::vector<unsigned char> src(4096), dst(4096 + 2, kGuard);
@@ -77,47 +74,23 @@ TEST_P(TransportConformanceTest, RandomFragmentsArriveByteExactWithGuards) {
   SCOPED_TRACE(absl::StrCat("seed=", seed));
   std::mt19937_64 rng(seed);
   const uint64_t max_fragment = transport_internal::kSanitizedBuild ? (uint64_t{8} << 20) : (uint64_t{64} << 20);
-  const uint64_t budget = 2 * max_fragment + (uint64_t{16} << 20);
+  const FragmentLayout layout =
+      RandomFragmentLayout(rng, max_fragment, 2 * max_fragment + (uint64_t{16} << 20));
+  const std::vector<RandomFragment>& fragments = layout.fragments;
+  const uint64_t dst_size = layout.dst_bytes;
 
-  // Fragments laid out in the target in order with random guard gaps, each taken from
-  // a random source offset. Sizes are log-uniform in [1, max_fragment]; the largest
-  // size always appears once.
-  struct Fragment {
-    uint64_t src_offset, dst_offset, length;
-  };
-  std::vector<Fragment> fragments;
-  std::vector<uint64_t> lengths = {max_fragment, 1};
-  uint64_t total = max_fragment + 1;
-  std::uniform_real_distribution<double> log_size(0.0, std::log2(double(max_fragment)));
-  while (total < budget) {
-    const uint64_t length =
-        std::min<uint64_t>(budget - total, uint64_t(std::exp2(log_size(rng))) + 1);
-    lengths.push_back(length);
-    total += length;
-  }
-  std::shuffle(lengths.begin(), lengths.end(), rng);
-  const uint64_t src_size = max_fragment + 4096;
-  std::uniform_int_distribution<uint64_t> gap(1, 4096);
-  uint64_t cursor = gap(rng);
-  for (uint64_t length : lengths) {
-    std::uniform_int_distribution<uint64_t> src_at(0, src_size - length);
-    fragments.push_back({src_at(rng), cursor, length});
-    cursor += length + gap(rng);
-  }
-  const uint64_t dst_size = cursor;
-
-  std::vector<unsigned char> src(src_size);
-  FillRandom(rng, src);
+  std::vector<unsigned char> src(layout.src_bytes);
+  FillRandom(rng, absl::MakeSpan(src));
   std::vector<unsigned char> dst(dst_size, kGuard);
   std::vector<unsigned char> expected(dst_size, kGuard);
-  for (const Fragment& f : fragments) {
+  for (const RandomFragment& f : fragments) {
     std::memcpy(expected.data() + f.dst_offset, src.data() + f.src_offset, f.length);
   }
 
   ASSERT_OK_AND_ASSIGN(LocalRegion s, initiator_->RegisterMemory(src.data(), src.size()));
   ASSERT_OK_AND_ASSIGN(LocalRegion d, target_->RegisterMemory(dst.data(), dst.size()));
   std::vector<WriteOp> ops;
-  for (const Fragment& f : fragments) {
+  for (const RandomFragment& f : fragments) {
     ops.push_back({s.id, f.src_offset, d.descriptor, f.dst_offset, f.length});
   }
   ASSERT_OK_AND_ASSIGN(

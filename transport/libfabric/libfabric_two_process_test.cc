@@ -11,7 +11,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -29,7 +28,9 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
+#include "testing/random_fragments.h"
 #include "testing/status_matchers.h"
 #include "transport/internal/sanitizers.h"
 #include "transport/libfabric/libfabric_transport.h"
@@ -159,40 +160,22 @@ TEST(LibfabricTwoProcessTest, RandomFragmentsArriveByteExactWithGuards) {
   SCOPED_TRACE(absl::StrCat("seed=", seed));
   std::mt19937_64 rng(seed);
   const uint64_t max_fragment = kSanitized ? (uint64_t{4} << 20) : (uint64_t{64} << 20);
-  const uint64_t dst_size = max_fragment + (uint64_t{32} << 20);
-  const uint64_t src_size = max_fragment + 4096;
-
-  // Non-overlapping fragments in the target with random guard gaps between them; the
-  // largest size is always present.
-  struct Fragment {
-    uint64_t src_offset, dst_offset, length;
-  };
-  std::vector<Fragment> fragments;
-  std::uniform_real_distribution<double> log_size(0.0, std::log2(double(max_fragment)));
-  std::uniform_int_distribution<uint64_t> gap(1, 4096);
-  uint64_t cursor = gap(rng);
-  bool first = true;
-  for (;;) {
-    const uint64_t length = first ? max_fragment : uint64_t(std::exp2(log_size(rng))) + 1;
-    first = false;
-    if (cursor + length > dst_size) break;
-    std::uniform_int_distribution<uint64_t> src_at(0, src_size - length);
-    fragments.push_back({src_at(rng), cursor, length});
-    cursor += length + gap(rng);
-  }
-  std::shuffle(fragments.begin(), fragments.end(), rng);
+  const testing::FragmentLayout layout =
+      testing::RandomFragmentLayout(rng, max_fragment, max_fragment + (uint64_t{24} << 20));
+  const std::vector<testing::RandomFragment>& fragments = layout.fragments;
+  const uint64_t dst_size = layout.dst_bytes;
 
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Peer> peer, Peer::Start(dst_size));
   ASSERT_EQ(peer->region().length, dst_size);
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> initiator, CreateLibfabricTransport(TcpOptions()));
   ASSERT_OK_AND_ASSIGN(PeerId peer_id, initiator->AddPeer(peer->address()));
 
-  std::vector<unsigned char> src(src_size);
-  for (unsigned char& b : src) b = static_cast<unsigned char>(rng());
+  std::vector<unsigned char> src(layout.src_bytes);
+  testing::FillRandom(rng, absl::MakeSpan(src));
   std::string expected(dst_size, static_cast<char>(kGuard));
   std::vector<WriteOp> ops;
   ASSERT_OK_AND_ASSIGN(LocalRegion s, initiator->RegisterMemory(src.data(), src.size()));
-  for (const Fragment& f : fragments) {
+  for (const testing::RandomFragment& f : fragments) {
     std::memcpy(expected.data() + f.dst_offset, src.data() + f.src_offset, f.length);
     ops.push_back({s.id, f.src_offset, peer->region(), f.dst_offset, f.length});
   }
