@@ -103,32 +103,36 @@ class TransportRunner {
     auto r = std::unique_ptr<TransportRunner>(new TransportRunner());
     for (std::unique_ptr<Transport>* t : {&r->initiator_, &r->target_}) {
       absl::StatusOr<std::unique_ptr<Transport>> created;
+      EndpointOptions endpoint;
+      endpoint.peer_window = absl::GetFlag(FLAGS_window);
       if (provider == "loopback") {
-        LoopbackOptions options;
-        options.window = absl::GetFlag(FLAGS_window);
         // Loopback needs no progress on the target: let idle endpoints sleep.
-        created = CreateLoopbackTransport(options);
+        created = CreateLoopbackTransport(endpoint);
       } else {
         LibfabricOptions options;
         options.provider = provider == "tcp" ? "tcp;ofi_rxm" : provider;
         options.node = "127.0.0.1";
-        options.window = absl::GetFlag(FLAGS_window);
         // Spin like the baseline's target thread by default: tcp and shm progress
         // manually, so the target endpoint must keep polling.
-        options.idle_poll_interval = absl::Microseconds(absl::GetFlag(FLAGS_idle_poll_us));
+        endpoint.idle_poll_interval = absl::Microseconds(absl::GetFlag(FLAGS_idle_poll_us));
+        options.endpoint = endpoint;
         created = CreateLibfabricTransport(options);
       }
       if (!created.ok()) return created.status();
       *t = *std::move(created);
     }
-    absl::StatusOr<LocalRegion> s = r->initiator_->RegisterMemory(src, bytes);
+    absl::StatusOr<RegionId> s = r->initiator_->RegisterMemory(src, bytes);
     if (!s.ok()) return s.status();
-    absl::StatusOr<LocalRegion> d = r->target_->RegisterMemory(dst, bytes);
+    absl::StatusOr<RegionId> d = r->target_->RegisterMemory(dst, bytes);
     if (!d.ok()) return d.status();
     absl::StatusOr<PeerId> peer = r->initiator_->AddPeer(r->target_->address());
     if (!peer.ok()) return peer.status();
+    absl::StatusOr<PeerId> writer = r->target_->AddPeer(r->initiator_->address());
+    if (!writer.ok()) return writer.status();
+    absl::StatusOr<RegionDescriptor> grant = r->target_->GrantRemoteWrite(*d, *writer);
+    if (!grant.ok()) return grant.status();
     r->src_ = *s;
-    r->dst_ = *d;
+    r->dst_ = *grant;
     r->peer_ = *peer;
     return r;
   }
@@ -136,12 +140,12 @@ class TransportRunner {
   absl::StatusOr<absl::Duration> Run(const std::vector<Write>& writes) {
     ops_.clear();
     for (const Write& w : writes) {
-      ops_.push_back({src_.id, w.src_offset, dst_.descriptor, w.dst_offset, w.length});
+      ops_.push_back({src_, w.src_offset, dst_, w.dst_offset, w.length});
     }
     const absl::Time start = absl::Now();
     absl::StatusOr<TransferId> t = initiator_->PostWrites(peer_, ops_, start + absl::Minutes(5));
     if (!t.ok()) return t.status();
-    absl::Status status = initiator_->WaitTransfer(*t, absl::InfiniteFuture());
+    absl::Status status = AwaitTransfer(*initiator_, *t, absl::InfiniteFuture());
     if (!status.ok()) return status;
     return absl::Now() - start;
   }
@@ -149,7 +153,8 @@ class TransportRunner {
  private:
   TransportRunner() = default;
   std::unique_ptr<Transport> initiator_, target_;
-  LocalRegion src_, dst_;
+  RegionId src_ = 0;
+  RegionDescriptor dst_;
   PeerId peer_ = 0;
   std::vector<WriteOp> ops_;
 };

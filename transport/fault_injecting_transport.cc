@@ -36,6 +36,12 @@ void FaultInjectingTransport::DelayCompletions(absl::Duration delay) {
 void FaultInjectingTransport::DropPeer(PeerId peer) {
   MutexLock lock(&mu_);
   dropped_.insert(peer);
+  for (auto& [id, t] : transfers_) {
+    if (t.peer != peer || !t.injected.ok()) continue;
+    t.injected = absl::UnavailableError(absl::StrCat(
+        "injected fault: peer dropped mid-transfer: peer=", peer, " transfer=", id));
+    t.settled_if_failed = false;
+  }
 }
 
 absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
@@ -59,7 +65,8 @@ absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
     if (!inner.ok()) return inner.status();  // Nothing posted: the fault stays armed.
     tracked.inner = *inner;
   } else {
-    tracked.inner_ended = true;
+    tracked.inner_final = true;
+    tracked.inner_result.state = TransferState::kDone;  // Nothing was posted.
     tracked.inner_ended_at = clock_();
   }
   if (!tracked.injected.ok()) fail_write_.reset();
@@ -69,52 +76,77 @@ absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
   return id;
 }
 
-absl::StatusOr<TransferState> FaultInjectingTransport::PollLocked(TransferId id) {
+absl::Status FaultInjectingTransport::CancelTransfer(TransferId id) {
+  MutexLock lock(&mu_);
   auto it = transfers_.find(id);
   if (it == transfers_.end()) {
     return absl::NotFoundError(absl::StrCat("no such transfer: transfer=", id));
   }
   Tracked& t = it->second;
-  if (!t.inner_ended) {
-    absl::StatusOr<TransferState> inner = inner_->PollTransfer(*t.inner);
-    if (inner.ok() && *inner == TransferState::kInProgress) return TransferState::kInProgress;
-    t.inner_ended = true;
-    t.inner_result = inner.status();
-    t.inner_ended_at = clock_();
+  if (t.inner_final || !t.injected.ok()) return absl::OkStatus();
+  t.injected = absl::AbortedError(absl::StrCat("transfer cancelled: transfer=", id));
+  return inner_->CancelTransfer(*t.inner);
+}
+
+absl::StatusOr<TransferStatus> FaultInjectingTransport::PollLocked(TransferId id) {
+  auto it = transfers_.find(id);
+  if (it == transfers_.end()) {
+    return absl::NotFoundError(absl::StrCat("no such transfer: transfer=", id));
   }
-  absl::Status result = t.inner_result;
-  if (dropped_.contains(t.peer)) {
-    result = absl::UnavailableError(absl::StrCat(
-        "injected fault: peer dropped mid-transfer: peer=", t.peer, " transfer=", id));
-  } else if (!t.injected.ok()) {
-    result = t.injected;
-  } else if (result.ok() && delay_ > absl::ZeroDuration()) {
+  Tracked& t = it->second;
+  if (!t.inner_final) {
+    absl::StatusOr<TransferStatus> inner = inner_->PollTransfer(*t.inner);
+    if (!inner.ok()) return inner.status();
+    if (inner->final()) {
+      t.inner_final = true;
+      t.inner_result = *inner;
+      t.inner_ended_at = clock_();
+    } else if (t.injected.ok()) {
+      return *inner;  // kInProgress, or the wrapped transport's own kFailed.
+    }
+  }
+  TransferStatus result;
+  if (!t.injected.ok()) {
+    result.error = t.injected;
+    result.state = t.inner_final ? TransferState::kQuiesced : TransferState::kFailed;
+    result.target_settled = t.inner_final && t.settled_if_failed &&
+                            (t.inner_result.state == TransferState::kDone ||
+                             t.inner_result.target_settled);
+  } else if (t.inner_result.state != TransferState::kDone) {
+    result = t.inner_result;
+  } else if (delay_ > absl::ZeroDuration()) {
     const absl::Time now = clock_();
     const absl::Time due = t.inner_ended_at + delay_;
     if (due > t.deadline && now >= t.deadline) {
-      result = absl::DeadlineExceededError(absl::StrCat(
+      // The bytes are there (the wrapped transfer is done), but too late.
+      result.state = TransferState::kQuiesced;
+      result.error = absl::DeadlineExceededError(absl::StrCat(
           "injected fault: completion delayed past the deadline: transfer=", id,
           " delay=", absl::FormatDuration(delay_)));
+      result.target_settled = true;
     } else if (now < due) {
-      return TransferState::kInProgress;
+      return TransferStatus{};  // Still "in progress".
+    } else {
+      result.state = TransferState::kDone;
     }
+  } else {
+    result.state = TransferState::kDone;
   }
-  transfers_.erase(it);
-  if (!result.ok()) return result;
-  return TransferState::kDone;
+  if (result.final()) transfers_.erase(it);
+  return result;
 }
 
-absl::StatusOr<TransferState> FaultInjectingTransport::PollTransfer(TransferId id) {
+absl::StatusOr<TransferStatus> FaultInjectingTransport::PollTransfer(TransferId id) {
   MutexLock lock(&mu_);
   return PollLocked(id);
 }
 
-absl::Status FaultInjectingTransport::WaitTransfer(TransferId id, absl::Time wait_deadline) {
+absl::StatusOr<TransferStatus> FaultInjectingTransport::WaitTransfer(TransferId id,
+                                                                     absl::Time wait_deadline) {
   MutexLock lock(&mu_);
   for (;;) {
-    absl::StatusOr<TransferState> state = PollLocked(id);
-    if (!state.ok()) return state.status();
-    if (*state == TransferState::kDone) return absl::OkStatus();
+    absl::StatusOr<TransferStatus> state = PollLocked(id);
+    if (!state.ok() || state->final()) return state;
     // The wrapped transport and the injected clock cannot signal us: re-check every
     // millisecond (this is a test utility, not a hot path).
     if (absl::Now() >= wait_deadline) {

@@ -10,8 +10,9 @@
 //       *kvx::transport::CreateLoopbackTransport());
 //   faulty->FailNthWrite(3);  // The 4th write posted from now on fails.
 //
-// Reporting keeps the Transport contract: a transfer's failure is reported only once
-// the wrapped transport has ended it (nothing of it is in flight any more).
+// Reporting keeps the Transport contract: an injected failure is reported (kFailed) at
+// once, and the transfer reaches kQuiesced only once the wrapped transport has ended
+// it (nothing of it is in flight any more).
 //
 // Thread safety: all methods are thread-safe.
 
@@ -47,47 +48,55 @@ class FaultInjectingTransport final : public Transport {
 
   // The write with 0-based index `n`, counted over all writes posted from now on,
   // fails: it and the writes after it in its batch are not posted, and its transfer
-  // fails with `Unavailable` naming the write. One shot.
+  // fails with `Unavailable` naming the write (settled: what was posted was delivered).
+  // One shot.
   void FailNthWrite(int64_t n);
   // Each transfer is reported done only `delay` (by `clock`) after the wrapped
   // transport finished it; if that passes its deadline it fails with
   // `DeadlineExceeded`. Zero turns delays off.
   void DelayCompletions(absl::Duration delay);
-  // Every unreported transfer to `peer` fails with `Unavailable` (once the wrapped
-  // transport ended it) and new writes to it are refused with `Unavailable`.
+  // Every transfer to `peer` that is not final fails with `Unavailable` at once and
+  // quiesces unsettled once the wrapped transport ended it (as a lost connection
+  // would); new writes to it are refused with `Unavailable`.
   void DropPeer(PeerId peer);
 
   Transport& inner() { return *inner_; }
 
   Capabilities capabilities() const override { return inner_->capabilities(); }
   std::string address() const override { return inner_->address(); }
-  absl::StatusOr<LocalRegion> RegisterMemory(void* base, uint64_t length,
-                                             MemoryKind kind = MemoryKind::kHost) override {
+  absl::StatusOr<RegionId> RegisterMemory(void* base, uint64_t length,
+                                          MemoryKind kind = MemoryKind::kHost) override {
     return inner_->RegisterMemory(base, length, kind);
   }
-  absl::Status DeregisterMemory(int64_t region_id) override {
-    return inner_->DeregisterMemory(region_id);
+  absl::Status DeregisterMemory(RegionId region) override {
+    return inner_->DeregisterMemory(region);
   }
   absl::StatusOr<PeerId> AddPeer(absl::string_view address) override {
     return inner_->AddPeer(address);
   }
+  absl::Status RemovePeer(PeerId peer) override { return inner_->RemovePeer(peer); }
+  absl::StatusOr<RegionDescriptor> GrantRemoteWrite(RegionId region, PeerId peer) override {
+    return inner_->GrantRemoteWrite(region, peer);
+  }
   absl::StatusOr<TransferId> PostWrites(PeerId peer, absl::Span<const WriteOp> writes,
                                         absl::Time deadline) override;
-  absl::StatusOr<TransferState> PollTransfer(TransferId id) override;
-  absl::Status WaitTransfer(TransferId id, absl::Time wait_deadline) override;
+  absl::Status CancelTransfer(TransferId id) override;
+  absl::StatusOr<TransferStatus> PollTransfer(TransferId id) override;
+  absl::StatusOr<TransferStatus> WaitTransfer(TransferId id, absl::Time wait_deadline) override;
 
  private:
   struct Tracked {
     PeerId peer = 0;
     absl::Time deadline;
     std::optional<TransferId> inner;  // Absent when the first write failed.
-    absl::Status injected;
-    bool inner_ended = false;
-    absl::Status inner_result;
+    absl::Status injected;            // Our own failure, reported at once.
+    bool settled_if_failed = true;    // False for a dropped peer.
+    bool inner_final = false;
+    TransferStatus inner_result;
     absl::Time inner_ended_at;
   };
 
-  absl::StatusOr<TransferState> PollLocked(TransferId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<TransferStatus> PollLocked(TransferId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::unique_ptr<Transport> inner_;
   const std::function<absl::Time()> clock_;

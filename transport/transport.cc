@@ -52,3 +52,13 @@ absl::StatusOr<RegionDescriptor> DecodeRegionDescriptor(absl::string_view bytes)
 }
 
 }  // namespace kvx::transport
+
+namespace kvx::transport {
+
+absl::Status AwaitTransfer(Transport& transport, TransferId id, absl::Time wait_deadline) {
+  absl::StatusOr<TransferStatus> status = transport.WaitTransfer(id, wait_deadline);
+  if (!status.ok()) return status.status();
+  return status->error;
+}
+
+}  // namespace kvx::transport

@@ -28,6 +28,9 @@ absl::Status FabricError(absl::string_view what, int ret) {
     case EPIPE:
     case ETIMEDOUT:
     case FI_EIO:
+    case EADDRNOTAVAIL:  // A node that is not ours.
+    case EADDRINUSE:
+    case ENODATA:        // fi_getinfo: nothing matches (no such provider or node).
       return absl::UnavailableError(message);
     case FI_EACCES:
     case EPERM:

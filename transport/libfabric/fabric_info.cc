@@ -2,12 +2,15 @@
 #include <rdma/fi_domain.h>
 #include <rdma/fi_errno.h>
 
+#include <unistd.h>
+
 #include <cstring>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "transport/internal/random.h"
 #include "transport/libfabric/internal/fabric_endpoint.h"
 
 namespace kvx::libfabric_internal {
@@ -35,12 +38,28 @@ int GetInfo(const std::string& node, const fi_info* hints, fi_info** out) {
                     bind ? FI_SOURCE : 0, hints, out);
 }
 
+// shm names its endpoint (and its file in /dev/shm) after the pid unless told
+// otherwise; two processes in different PID namespaces (two Bazel tests running at
+// once) then collide. A random name cannot.
+std::string UniqueShmName() {
+  return absl::StrCat("kvx-", getpid(), "-", absl::Hex(transport_internal::RandomKey(),
+                                                        absl::kZeroPad16));
+}
+
 }  // namespace
 
 absl::StatusOr<InfoPtr> FindProvider(const std::string& provider, const std::string& node) {
-  const std::string bind_node = provider == "shm" ? std::string() : node;
+  const bool shm = provider == "shm";
+  const std::string bind_node = shm ? UniqueShmName() : node;
   InfoPtr hints = BaseHints(provider, bind_node);
   hints->caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE;
+  if (shm) {
+    // Without RMA ordering shm takes its "fast RMA" path: the initiator copies
+    // straight into the target's virtual address with no key check at all, so a
+    // target could neither refuse a write nor fence a peer. Ordered, every write goes
+    // through the target's key check and is copied by the target's own progress.
+    hints->tx_attr->msg_order = FI_ORDER_RAW | FI_ORDER_WAW;
+  }
   // We hand the provider 64 bytes of per-operation context (fi_context2).
   hints->mode = FI_CONTEXT | FI_CONTEXT2;
   hints->domain_attr->mr_mode = kMrModesHandled;

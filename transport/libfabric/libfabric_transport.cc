@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <utility>
@@ -12,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "transport/internal/wire_format.h"
@@ -23,6 +25,7 @@ namespace kvx::transport {
 namespace {
 
 using libfabric_internal::FabricEndpoint;
+using transport_internal::BackendGrant;
 using transport_internal::BackendPeer;
 using transport_internal::BackendRegion;
 using transport_internal::Completion;
@@ -56,7 +59,8 @@ class LibfabricTransport final : public transport_internal::WriteEngine {
     caps.host_memory = true;
     caps.cuda_memory = (endpoint_->info().caps & FI_HMEM) != 0;
     caps.max_write_bytes = engine_options().max_write_bytes;
-    caps.max_outstanding_writes = engine_options().window;
+    caps.peer_window = engine_options().peer_window;
+    caps.max_in_flight = engine_options().max_in_flight;
     return caps;
   }
 
@@ -79,6 +83,20 @@ class LibfabricTransport final : public transport_internal::WriteEngine {
   void DeregisterWithBackend(const BackendRegion& region) override {
     endpoint_->Deregister(region);
   }
+
+  absl::StatusOr<BackendGrant> GrantWithBackend(const BackendRegion& region, char* base,
+                                                uint64_t length,
+                                                const BackendPeer& peer) override {
+    return endpoint_->Grant(region, base, length);
+  }
+
+  void RevokeWithBackend(const BackendGrant& grant) override { endpoint_->Revoke(grant); }
+
+  absl::StatusOr<uint64_t> ResetPeer(const BackendPeer& peer) override {
+    return endpoint_->ResetPeer(peer);
+  }
+
+  void ForgetPeer(const BackendPeer& peer) override { endpoint_->RemovePeer(peer.handle); }
 
   absl::StatusOr<BackendPeer> ResolvePeer(absl::string_view address) override {
     transport_internal::WireReader reader(address);
@@ -137,18 +155,31 @@ absl::StatusOr<libfabric_internal::InfoPtr> ChooseProvider(const LibfabricOption
 
 absl::StatusOr<std::unique_ptr<Transport>> CreateLibfabricTransport(
     const LibfabricOptions& options) {
+  // RemovePeer's fence and the quiesce reset need rxm to close a peer's connection
+  // when the peer leaves the address vector. libfabric reads this once, when the
+  // process first calls it.
+  if (const char* cleanup = std::getenv("FI_AV_REMOVE_CLEANUP");
+      cleanup != nullptr && (absl::string_view(cleanup) == "0" ||
+                             absl::EqualsIgnoreCase(cleanup, "false") ||
+                             absl::EqualsIgnoreCase(cleanup, "no"))) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "FI_AV_REMOVE_CLEANUP=", cleanup,
+        " disables the connection teardown kvx's fences rely on; unset it"));
+  }
+  setenv("FI_AV_REMOVE_CLEANUP", "1", /*overwrite=*/0);
   absl::StatusOr<libfabric_internal::InfoPtr> info = ChooseProvider(options);
   if (!info.ok()) return info.status();
-  transport_internal::EngineOptions engine;
   const fi_info& fi = **info;
-  engine.window = std::max<int64_t>(
-      1, std::min<int64_t>(options.window, static_cast<int64_t>(fi.tx_attr->size)));
+  transport_internal::EngineOptions engine = options.endpoint;
+  const int64_t tx_size = std::max<int64_t>(1, static_cast<int64_t>(fi.tx_attr->size));
+  engine.max_in_flight =
+      engine.max_in_flight > 0 ? std::min(engine.max_in_flight, tx_size) : tx_size;
+  engine.peer_window = std::max<int64_t>(1, std::min(engine.peer_window, engine.max_in_flight));
   uint64_t max_write = std::min<uint64_t>(fi.ep_attr->max_msg_size, uint64_t{1} << 30);
-  if (options.max_write_bytes != 0) max_write = std::min(max_write, options.max_write_bytes);
+  if (engine.max_write_bytes != 0) max_write = std::min(max_write, engine.max_write_bytes);
   engine.max_write_bytes = std::max<uint64_t>(1, max_write);
-  engine.idle_poll_interval = options.idle_poll_interval;
   absl::StatusOr<std::unique_ptr<FabricEndpoint>> endpoint =
-      FabricEndpoint::Open(*std::move(info), 2 * engine.window);
+      FabricEndpoint::Open(*std::move(info), 2 * engine.max_in_flight);
   if (!endpoint.ok()) return endpoint.status();
   return std::make_unique<LibfabricTransport>(*std::move(endpoint), engine);
 }

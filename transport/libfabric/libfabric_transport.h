@@ -8,18 +8,21 @@
 //   kvx::transport::LibfabricOptions options;
 //   options.provider = "tcp;ofi_rxm";
 //   options.node = "127.0.0.1";  // Tests bind loopback only.
-//   ASSIGN_OR_RETURN(auto endpoint, kvx::transport::CreateLibfabricTransport(options));
-//   // Advertise endpoint->address() and region descriptors; peers AddPeer() them.
+//   absl::StatusOr<std::unique_ptr<kvx::transport::Transport>> endpoint =
+//       kvx::transport::CreateLibfabricTransport(options);
+//   // Advertise (*endpoint)->address(); grant each writing peer its region.
 //
 // Limits honoured: writes longer than the provider's max_msg_size (or
-// `max_write_bytes`) are split; at most min(`window`, tx_attr->size) writes are in
-// flight and -FI_EAGAIN is retried while the completion queue is progressed; the
-// mr_mode bits the provider returns are honoured (memory_registration.cc). One owner
-// thread per endpoint posts and progresses, also when idle: tcp and shm make no
-// progress on a target that does not read its completion queue.
+// `max_write_bytes`) are split; per peer at most `peer_window` writes, on the
+// endpoint at most the provider's tx queue size, are in flight, and -FI_EAGAIN makes
+// the owner thread move on to the next peer and retry later; the mr_mode bits the
+// provider returns are honoured (memory_registration.cc). One owner thread per
+// endpoint posts and progresses, also when idle: tcp and shm make no progress on a
+// target that does not read its completion queue.
 // A transfer completes only when its data is at the target: its last write is posted
 // with FI_DELIVERY_COMPLETE after all its other writes completed.
-// README.md beside this file: variables, troubleshooting, measured figures.
+// How the transport.h guarantees map onto each provider (keys, fences, what a
+// provider cannot refuse): README.md beside this file.
 //
 // Thread safety: as Transport (all methods thread-safe).
 
@@ -37,20 +40,15 @@
 namespace kvx::transport {
 
 struct LibfabricOptions {
-  // Affect behavior.
   // Provider name as fi_info lists it; empty chooses the best available of efa,
   // verbs;ofi_rxm, tcp;ofi_rxm, shm and prints the choice.
   std::string provider;
-  // Address to bind, e.g. "127.0.0.1"; empty lets the provider choose. Ignored by shm.
+  // Address to bind, e.g. "127.0.0.1"; empty lets the provider choose. Ignored by shm,
+  // whose endpoints get a unique random name.
   std::string node;
-
-  // Affect performance.
-  // Writes in flight at most (capped by the provider's tx queue size).
-  int64_t window = 64;
-  // Split writes longer than this; 0 means the provider's max_msg_size (capped at 1 GiB).
-  uint64_t max_write_bytes = 0;
-  // Owner-thread sleep between completion-queue polls when idle; zero spins.
-  absl::Duration idle_poll_interval = absl::Microseconds(50);
+  // Windows, bounds, timeouts. max_in_flight is capped at the provider's tx queue
+  // size (0: that size), max_write_bytes at its max_msg_size and 1 GiB (0: that).
+  EndpointOptions endpoint;
 };
 
 // Opens an endpoint. Errors: `Unavailable` the provider is absent or cannot bind the

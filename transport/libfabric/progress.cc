@@ -53,6 +53,7 @@ void FabricEndpoint::Poll(std::vector<transport_internal::Completion>* completio
     if (n != -FI_EAVAIL) return;  // -FI_EAGAIN: nothing yet.
     fi_cq_err_entry err = {};
     if (fi_cq_readerr(cq_, &err, 0) <= 0) return;
+    if (err.op_context == nullptr) continue;  // Not one of our writes.
     char buf[256] = {};
     const char* provider_text = fi_cq_strerror(cq_, err.prov_errno, err.err_data, buf, sizeof(buf));
     absl::Status status = FabricError(

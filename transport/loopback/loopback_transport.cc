@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "transport/internal/mutex.h"
+#include "transport/internal/random.h"
 #include "transport/internal/wire_format.h"
 #include "transport/internal/write_engine.h"
 #include "transport/transport.h"
@@ -21,6 +22,7 @@
 namespace kvx::transport {
 namespace {
 
+using transport_internal::BackendGrant;
 using transport_internal::BackendPeer;
 using transport_internal::BackendRegion;
 using transport_internal::Completion;
@@ -50,9 +52,8 @@ Registry& GetRegistry() {
 
 class LoopbackTransport final : public transport_internal::WriteEngine {
  public:
-  explicit LoopbackTransport(const LoopbackOptions& options)
-      : WriteEngine(transport_internal::EngineOptions{
-            options.max_write_bytes, options.window, options.idle_poll_interval}) {
+  explicit LoopbackTransport(const transport_internal::EngineOptions& options)
+      : WriteEngine(options) {
     Registry& registry = GetRegistry();
     {
       MutexLock lock(&registry.mu);
@@ -79,7 +80,8 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
     caps.host_memory = true;
     caps.cuda_memory = false;
     caps.max_write_bytes = engine_options().max_write_bytes;
-    caps.max_outstanding_writes = engine_options().window;
+    caps.peer_window = engine_options().peer_window;
+    caps.max_in_flight = engine_options().max_in_flight;
     return caps;
   }
 
@@ -97,18 +99,28 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
       return absl::UnimplementedError(absl::StrCat(
           "loopback registers host memory only: kind=", static_cast<int>(kind)));
     }
-    MutexLock lock(&targets_mu_);
-    BackendRegion region;
-    region.descriptor.address = 0;  // Offset addressing, like tcp.
-    region.descriptor.length = length;
-    region.descriptor.key = next_key_++;
-    targets_[region.descriptor.key] = Target{static_cast<char*>(base), length};
-    return region;
+    return BackendRegion{};
   }
 
-  void DeregisterWithBackend(const BackendRegion& region) override {
-    MutexLock lock(&targets_mu_);  // Waits for a memcpy into this region.
-    targets_.erase(region.descriptor.key);
+  void DeregisterWithBackend(const BackendRegion& region) override {}
+
+  absl::StatusOr<BackendGrant> GrantWithBackend(const BackendRegion& region, char* base,
+                                                uint64_t length,
+                                                const BackendPeer& peer) override {
+    MutexLock lock(&targets_mu_);
+    BackendGrant grant;
+    grant.descriptor.address = 0;  // Offset addressing, like tcp.
+    grant.descriptor.length = length;
+    do {
+      grant.descriptor.key = transport_internal::RandomKey();
+    } while (targets_.contains(grant.descriptor.key));
+    targets_[grant.descriptor.key] = Target{base, length, peer.handle};
+    return grant;
+  }
+
+  void RevokeWithBackend(const BackendGrant& grant) override {
+    MutexLock lock(&targets_mu_);  // Waits for a memcpy through this grant.
+    targets_.erase(grant.descriptor.key);
   }
 
   absl::StatusOr<BackendPeer> ResolvePeer(absl::string_view address) override {
@@ -127,8 +139,12 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
     if (!registry.endpoints.contains(id)) {
       return absl::UnavailableError(absl::StrCat("no loopback endpoint: endpoint=", id));
     }
-    return BackendPeer{id, absl::StrCat("loopback:", id)};
+    return BackendPeer{id, absl::StrCat("loopback:", id), std::string(address)};
   }
+
+  // Writes are synchronous memcpy: nothing is ever in flight to reset or forget.
+  absl::StatusOr<uint64_t> ResetPeer(const BackendPeer& peer) override { return peer.handle; }
+  void ForgetPeer(const BackendPeer& peer) override {}
 
   absl::StatusOr<PostResult> PostToBackend(const PostedWrite& write,
                                            void* context) override {
@@ -142,13 +158,15 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
   }
 
  private:
+  // What a grant lets one writer do.
   struct Target {
     char* base = nullptr;
     uint64_t length = 0;
+    uint64_t writer = 0;  // The only endpoint allowed to use the key.
   };
 
   // The target-side checks a NIC or provider would do, then the copy.
-  static absl::Status CopyToPeer(const PostedWrite& write) {
+  absl::Status CopyToPeer(const PostedWrite& write) const {
     Registry& registry = GetRegistry();
     registry.mu.Lock();
     auto it = registry.endpoints.find(write.peer);
@@ -161,31 +179,33 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
     // Hand over hand: the target cannot finish destruction while we hold its lock.
     target->targets_mu_.Lock();
     registry.mu.Unlock();
-    absl::Status status = target->CopyLocked(write);
+    absl::Status status = target->CopyLocked(write, id_);
     target->targets_mu_.Unlock();
     return status;
   }
 
-  absl::Status CopyLocked(const PostedWrite& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(targets_mu_) {
+  absl::Status CopyLocked(const PostedWrite& write, uint64_t writer)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(targets_mu_) {
     auto it = targets_.find(write.remote_key);
-    if (it == targets_.end()) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "target has no region with this key: endpoint=", id_, " key=", write.remote_key));
+    // Semantics 8: refusals are Unavailable, as a network target's are.
+    if (it == targets_.end() || it->second.writer != writer) {
+      return absl::UnavailableError(absl::StrCat(
+          "target refused the write: no grant for this key and writer: endpoint=", id_,
+          " writer=", writer));
     }
     const Target& t = it->second;
     if (write.remote_address > t.length || write.length > t.length - write.remote_address) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "write outside the target region: endpoint=", id_, " key=", write.remote_key,
+      return absl::UnavailableError(absl::StrCat(
+          "target refused the write: range outside the granted region: endpoint=", id_,
           " offset=", write.remote_address, " length=", write.length,
           " region_length=", t.length));
     }
-    std::memcpy(t.base + write.remote_address, write.local, write.length);
+    if (write.length > 0) std::memcpy(t.base + write.remote_address, write.local, write.length);
     return absl::OkStatus();
   }
 
   uint64_t id_ = 0;  // Constant after construction.
   Mutex targets_mu_;
-  uint64_t next_key_ ABSL_GUARDED_BY(targets_mu_) = 1;
   absl::flat_hash_map<uint64_t, Target> targets_ ABSL_GUARDED_BY(targets_mu_);
   std::vector<Completion> done_;  // Owner thread only.
 };
@@ -193,8 +213,11 @@ class LoopbackTransport final : public transport_internal::WriteEngine {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Transport>> CreateLoopbackTransport(
-    const LoopbackOptions& options) {
-  return std::make_unique<LoopbackTransport>(options);
+    const EndpointOptions& options) {
+  transport_internal::EngineOptions engine = options;
+  if (engine.max_write_bytes == 0) engine.max_write_bytes = uint64_t{1} << 30;
+  if (engine.max_in_flight <= 0) engine.max_in_flight = 1024;
+  return std::make_unique<LoopbackTransport>(engine);
 }
 
 }  // namespace kvx::transport

@@ -6,14 +6,18 @@
 // the target checks the key and range of every write), so unit tests run fast and
 // without a network, and benchmarks have a ceiling to compare against.
 //
-//   ASSIGN_OR_RETURN(auto a, kvx::transport::CreateLoopbackTransport());
-//   ASSIGN_OR_RETURN(auto b, kvx::transport::CreateLoopbackTransport());
-//   ASSIGN_OR_RETURN(kvx::transport::PeerId peer, a->AddPeer(b->address()));
+//   absl::StatusOr<std::unique_ptr<kvx::transport::Transport>> a =
+//       kvx::transport::CreateLoopbackTransport();
+//   absl::StatusOr<std::unique_ptr<kvx::transport::Transport>> b =
+//       kvx::transport::CreateLoopbackTransport();
+//   absl::StatusOr<kvx::transport::PeerId> peer = (*a)->AddPeer((*b)->address());
 //
-// Addresses are valid only inside the process that created them. A write to an
-// endpoint that was destroyed fails with `Unavailable`; a wrong key fails with
-// `PermissionDenied`; a range outside the target region with `OutOfRange`.
-// Deregistering a region on the target waits for a memcpy into it to finish.
+// Addresses are valid only inside the process that created them. The target checks
+// every write against its grants: the key, the one writer the key was granted to, and
+// the range. A refused write, and a write to an endpoint that was destroyed, fail
+// with `Unavailable` (transport.h, semantics 8). A write is one memcpy on the
+// initiator's owner thread under the target's lock, so revoking a grant (RemovePeer)
+// waits for a copy through it to finish and nothing lands afterwards.
 //
 // Thread safety: as Transport (all methods thread-safe).
 
@@ -29,18 +33,10 @@
 
 namespace kvx::transport {
 
-struct LoopbackOptions {
-  // Writes longer than this are split into pieces (as a provider's max_msg_size).
-  uint64_t max_write_bytes = uint64_t{1} << 30;
-  // Pieces in flight at most.
-  int64_t window = 64;
-  // Owner-thread sleep between polls when idle; zero spins.
-  absl::Duration idle_poll_interval = absl::Microseconds(50);
-};
-
-// Creates an endpoint. Never fails today; returns StatusOr like every backend factory.
+// Creates an endpoint. Defaults: writes are split at 1 GiB; at most 1024 pieces in
+// flight. Never fails today; returns StatusOr like every backend factory.
 absl::StatusOr<std::unique_ptr<Transport>> CreateLoopbackTransport(
-    const LoopbackOptions& options = LoopbackOptions());
+    const EndpointOptions& options = EndpointOptions());
 
 }  // namespace kvx::transport
 

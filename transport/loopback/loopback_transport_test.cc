@@ -22,13 +22,16 @@ using ::kvx::testing::StatusIs;
 INSTANTIATE_TEST_SUITE_P(
     Loopback, TransportConformanceTest,
     ::testing::Values(
-        TransportFactory{"default", [] { return CreateLoopbackTransport(); }},
+        TransportFactory{"default",
+                         [](const EndpointOptions& options) {
+                           return CreateLoopbackTransport(options);
+                         }},
         // Tiny pieces and window: splitting and the full-window path on every write.
         TransportFactory{"split_small_window",
-                         [] {
-                           LoopbackOptions options;
+                         [](const EndpointOptions& base) {
+                           EndpointOptions options = base;
                            options.max_write_bytes = 1000;
-                           options.window = 2;
+                           options.peer_window = 2;
                            options.idle_poll_interval = absl::ZeroDuration();
                            return CreateLoopbackTransport(options);
                          }}),
@@ -60,19 +63,39 @@ TEST(LoopbackTransportTest, WrongKeyNamesPeerWriteAndReason) {
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> a, CreateLoopbackTransport());
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> b, CreateLoopbackTransport());
   std::vector<char> src(64), dst(64);
-  ASSERT_OK_AND_ASSIGN(LocalRegion s, a->RegisterMemory(src.data(), src.size()));
-  ASSERT_OK_AND_ASSIGN(LocalRegion d, b->RegisterMemory(dst.data(), dst.size()));
+  ASSERT_OK_AND_ASSIGN(RegionId s, a->RegisterMemory(src.data(), src.size()));
+  ASSERT_OK_AND_ASSIGN(RegionId d, b->RegisterMemory(dst.data(), dst.size()));
+  ASSERT_OK_AND_ASSIGN(PeerId writer, b->AddPeer(a->address()));
+  ASSERT_OK_AND_ASSIGN(RegionDescriptor grant, b->GrantRemoteWrite(d, writer));
   ASSERT_OK_AND_ASSIGN(PeerId peer, a->AddPeer(b->address()));
-  RegionDescriptor wrong = d.descriptor;
-  wrong.key = 999;
-  ASSERT_OK_AND_ASSIGN(TransferId t,
-                       a->PostWrites(peer, {{s.id, 0, d.descriptor, 0, 8}, {s.id, 0, wrong, 0, 8}},
-                                     absl::Now() + absl::Seconds(10)));
-  EXPECT_THAT(a->WaitTransfer(t, absl::InfiniteFuture()),
-              StatusIs(absl::StatusCode::kPermissionDenied,
+  RegionDescriptor wrong = grant;
+  wrong.key ^= 1;
+  ASSERT_OK_AND_ASSIGN(TransferId t, a->PostWrites(peer, {{s, 0, grant, 0, 8}, {s, 0, wrong, 0, 8}},
+                                                   absl::Now() + absl::Seconds(10)));
+  EXPECT_THAT(AwaitTransfer(*a, t, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kUnavailable,
                        ::testing::AllOf(::testing::HasSubstr("peer=loopback:"),
                                         ::testing::HasSubstr("write=1"),
-                                        ::testing::HasSubstr("key=999"))));
+                                        ::testing::HasSubstr("no grant for this key"))));
+}
+
+// Loopback can tell who writes: a key granted to one endpoint opens nothing to
+// another, even if it leaks (libfabric tcp cannot check this; its keys are secrets).
+TEST(LoopbackTransportTest, KeyGrantedToAnotherWriterIsRefused) {
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> target, CreateLoopbackTransport());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> owner, CreateLoopbackTransport());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> thief, CreateLoopbackTransport());
+  std::vector<char> src(64, 's'), dst(64, 'g');
+  ASSERT_OK_AND_ASSIGN(RegionId d, target->RegisterMemory(dst.data(), dst.size()));
+  ASSERT_OK_AND_ASSIGN(PeerId owner_id, target->AddPeer(owner->address()));
+  ASSERT_OK_AND_ASSIGN(RegionDescriptor grant, target->GrantRemoteWrite(d, owner_id));
+  ASSERT_OK_AND_ASSIGN(RegionId s, thief->RegisterMemory(src.data(), src.size()));
+  ASSERT_OK_AND_ASSIGN(PeerId peer, thief->AddPeer(target->address()));
+  ASSERT_OK_AND_ASSIGN(TransferId t, thief->PostWrites(peer, {{s, 0, grant, 0, 64}},
+                                                       absl::Now() + absl::Seconds(10)));
+  EXPECT_THAT(AwaitTransfer(*thief, t, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(dst, std::vector<char>(64, 'g'));
 }
 
 }  // namespace

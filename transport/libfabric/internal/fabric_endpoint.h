@@ -10,7 +10,8 @@
 //
 // Thread safety: the domain is opened FI_THREAD_SAFE, so registration and peer
 // insertion (caller threads) may run beside posting and progress (the owner thread).
-// PostWrite and Poll are called from the owner thread only.
+// PostWrite, Poll, Revoke, RemovePeer and ResetPeer are called from the owner thread
+// only (Revoke also for a grant that was never given out).
 
 #ifndef KVX_TRANSPORT_LIBFABRIC_INTERNAL_FABRIC_ENDPOINT_H_
 #define KVX_TRANSPORT_LIBFABRIC_INTERNAL_FABRIC_ENDPOINT_H_
@@ -18,7 +19,6 @@
 #include <rdma/fabric.h>
 #include <rdma/fi_domain.h>
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -67,13 +67,29 @@ class FabricEndpoint {
   // The provider's raw endpoint address (fi_getname).
   const std::string& raw_name() const { return raw_name_; }
 
-  // Inserts a peer's raw address into the address vector.
+  // Checks a peer's raw address against the provider's address format (length,
+  // family, terminator) and inserts it into the address vector. Errors:
+  // `InvalidArgument` malformed; the provider's error otherwise.
   absl::StatusOr<transport_internal::BackendPeer> InsertPeer(absl::string_view raw_name);
+  // Removes the peer from the address vector; with FI_AV_REMOVE_CLEANUP (set by
+  // CreateLibfabricTransport) rxm closes its connection, which fails what is in
+  // flight on it (FI_ECANCELED) and drops what is arriving.
+  // Not on shm (CanDropConnections): there the fence is the key revocation alone.
+  void RemovePeer(uint64_t handle);
+  // RemovePeer, then inserts the same address again: a fresh connection on demand.
+  absl::StatusOr<uint64_t> ResetPeer(const transport_internal::BackendPeer& peer);
 
   // memory_registration.cc
+  // Registers memory for local access only (the source of writes): no key of it is
+  // ever accepted for a remote write.
   absl::StatusOr<transport_internal::BackendRegion> Register(void* base, uint64_t length,
                                                              transport::MemoryKind kind);
   void Deregister(const transport_internal::BackendRegion& region);
+  // Registers [base, base + length) again, for remote writes under a fresh random key
+  // (or the provider's key under FI_MR_PROV_KEY), for one peer.
+  absl::StatusOr<transport_internal::BackendGrant> Grant(
+      const transport_internal::BackendRegion& region, char* base, uint64_t length);
+  void Revoke(const transport_internal::BackendGrant& grant);
 
   // progress.cc. PostWrite returns false when the provider's queue is full
   // (-FI_EAGAIN; also while tcp connects on demand).
@@ -81,6 +97,12 @@ class FabricEndpoint {
   void Poll(std::vector<transport_internal::Completion>* completions);
 
  private:
+  bool CanDropConnections() const;
+  // fi_mr_reg (or fi_mr_regattr for device memory) under a random key, retried while
+  // the key is taken; binds to the endpoint under FI_MR_ENDPOINT.
+  absl::StatusOr<fid_mr*> RegisterMr(void* base, uint64_t length, transport::MemoryKind kind,
+                                     uint64_t access);
+
   explicit FabricEndpoint(InfoPtr info) : info_(std::move(info)) {}
 
   InfoPtr info_;
@@ -90,7 +112,6 @@ class FabricEndpoint {
   fid_av* av_ = nullptr;
   fid_ep* ep_ = nullptr;
   std::string raw_name_;
-  std::atomic<uint64_t> next_key_{1};
   transport_internal::Mutex mrs_mu_;
   // Regions still registered, closed before the domain when the endpoint closes.
   absl::flat_hash_set<fid_mr*> mrs_ ABSL_GUARDED_BY(mrs_mu_);
