@@ -1,0 +1,184 @@
+// File: transfer/protocol.h
+//
+// The control-plane messages between the ranks of a context instance (the sender of
+// KV cache) and a generation instance (the receiver), and their codec
+// (SEMANTICS.md section 7). The byte layout, field by field, is in
+// transfer/PROTOCOL.md; every message travels as one ZeroMQ message whose payload
+// is msgpack (no msgpack type appears here).
+//
+//   rank A                                   rank B
+//   RankInfoRequest{A's info}        ---->   checks it, adds A's transport address
+//                                    <----   RankInfoReply{B's info, grants for A}
+//   RequestData{rid, slice, lists}   ---->   (generation -> context, per slice)
+//                                    <----   SliceResult{rid, slice, SUCCESS|FAILED}
+//                                    <----   AuxTokens{rid, tokens}
+//   Cancel{rid}                      <--->   either direction, any time
+//
+// A RankInfoReply may also come unsolicited: a generation rank sends one to a
+// context rank whenever it (re)grants its pools (after the first handshake it
+// initiated, or after it fenced that rank); `grant_epoch` orders them, and every
+// RequestData names the epoch its writes must use.
+//
+// Example:
+//
+//   Message message = SliceResult{...};
+//   std::string bytes = EncodeMessage(message);
+//   absl::StatusOr<Message> decoded = DecodeMessage(bytes);  // strict and bounded
+//
+// Decoding is strict and bounded: an unknown kind or version, a missing field or
+// one of the wrong type, a list or string over its limit, a negative id, trailing
+// bytes, or a page table that fails ValidatePageTable is InvalidArgument naming the
+// message kind and field; msgpack's own limits (depth, array, map, string sizes)
+// stop a hostile message before it allocates. Decoding never throws and never
+// crashes.
+//
+// Thread safety: pure functions over plain values.
+
+#ifndef KVX_TRANSFER_PROTOCOL_H_
+#define KVX_TRANSFER_PROTOCOL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "absl/base/attributes.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "transfer/page_table.h"
+#include "transfer/slice.h"
+
+namespace kvx::transfer {
+
+// Version history: 1 is the first. A decoder accepts exactly the versions it knows;
+// retired fields are never reused (PROTOCOL.md).
+inline constexpr uint8_t kProtocolVersion = 1;
+
+// Which side of a transfer a rank is on. Typed on the wire, so a rank that takes
+// itself for the other side is refused at the handshake.
+enum class Role : uint8_t { kContext = 1, kGeneration = 2 };
+
+// Where the rank that sent it lets the receiver of the message write: one entry per
+// pool of the granting rank, in pool order (a transport::RegionDescriptor's fields;
+// the session turns it back into one).
+struct PoolGrant {
+  uint64_t address = 0;
+  uint64_t length = 0;
+  uint64_t key = 0;
+};
+
+// What one rank tells a peer rank about itself.
+struct RankInfo {
+  std::string instance;           // The instance's name; 1..256 printable bytes.
+  Role role = Role::kContext;
+  int64_t rank = 0;               // pp_rank * tp_size + tp_rank of page_table.topology
+  std::string control_address;    // Where to send it messages; 1..256 bytes.
+  std::string transport_address;  // Transport::address(); 1..4096 bytes.
+  RankPageTable page_table;       // Validated on decode (ValidatePageTable).
+};
+
+// "Here is who I am; tell me who you are."
+struct RankInfoRequest {
+  RankInfo sender;
+};
+
+// "Here is who I am", with the grants the sender gives the receiver (empty when the
+// receiver never writes to the sender, e.g. from a context rank).
+struct RankInfoReply {
+  RankInfo sender;
+  uint64_t grant_epoch = 0;          // Increases with every new set of grants.
+  std::vector<PoolGrant> grants;     // One per pool of the sender, or none.
+};
+
+// The receiver's request data for one request and slice: its suffix block lists
+// (SEMANTICS.md sections 1 and 4), sent by a generation rank to each context rank
+// that overlaps it.
+struct RequestData {
+  uint64_t unique_rid = 0;
+  int64_t slice_id = 0;             // 0, 1, ... in prompt order
+  int64_t receiver_rank = 0;        // the generation rank sending it
+  int64_t prompt_len = 0;           // the request's; the windows' stale blocks need it
+  int64_t token_start = 0;          // the slice's token range [token_start, token_end)
+  int64_t token_end = 0;
+  bool is_last_slice = false;
+  std::vector<BlockList> block_ids_per_group;  // per slice group
+  std::optional<int64_t> dst_start_token;      // section 5 step 5
+  std::optional<int64_t> aux_slot;             // echoed in AuxTokens
+  std::optional<int64_t> state_slot;           // the receiver's Mamba state slot
+  int64_t dp_rank = 0;                         // the request's DP rank on this side
+  uint64_t grant_epoch = 0;                    // the grants the writes must use
+};
+
+enum class SliceOutcome : uint8_t { kSuccess = 1, kFailed = 2 };
+
+// One sender rank's result for one slice, sent to one receiver rank once its writes
+// are delivered (kSuccess) or have failed (section 7: exactly one per slice and
+// overlapping pair, also for an empty write).
+struct SliceResult {
+  uint64_t unique_rid = 0;
+  int64_t slice_id = 0;
+  int64_t sender_rank = 0;
+  SliceOutcome outcome = SliceOutcome::kSuccess;
+  bool is_last_slice = false;
+  // kFailed: the absl::StatusCode and a reason (up to 1024 bytes).
+  int32_t code = 0;
+  std::string reason;
+  // kFailed: true when nothing of this slice can still land in the receiver's
+  // memory (the sender's transfer quiesced settled, or posted nothing); false means
+  // the receiver must fence the sender before reusing the pages.
+  bool settled = true;
+  uint64_t bytes = 0;   // moved for this slice and pair
+  int64_t writes = 0;   // posted (coalesced fragments)
+};
+
+// Auxiliary tokens (the first generated token, draft tokens) of a request, sent by
+// each context rank to each generation rank it overlaps once the request's KV is
+// sent; the receiver keeps the first copy and refuses a different second one.
+struct AuxTokens {
+  uint64_t unique_rid = 0;
+  int64_t sender_rank = 0;
+  std::optional<int64_t> aux_slot;  // as the receiver's RequestData named it
+  std::vector<int64_t> tokens;      // at most 4096
+};
+
+// Cancels a request, in either direction, also before the peer has a session for it
+// (the peer remembers it for a while).
+struct Cancel {
+  uint64_t unique_rid = 0;
+  int64_t sender_rank = 0;
+  Role from = Role::kContext;
+  std::string reason;  // up to 1024 bytes
+};
+
+using Message =
+    std::variant<RankInfoRequest, RankInfoReply, RequestData, SliceResult, AuxTokens, Cancel>;
+
+// The name of the message's kind ("RequestData"), for logs and metrics.
+absl::string_view MessageKindName(const Message& message);
+
+// Bounds a decoder enforces; the defaults fit a 1M-token prompt at 16 tokens per
+// block in 64 groups.
+struct DecodeLimits {
+  size_t max_message_bytes = size_t{64} << 20;
+  size_t max_block_ids = size_t{1} << 22;  // summed over a RequestData's lists
+  size_t max_groups = 1024;                // lists per RequestData, groups per table
+  size_t max_pools = 1024;
+  size_t max_layers = 65536;               // layer entries summed over a table
+  size_t max_aux_tokens = 4096;
+};
+
+// Serializes `message` (msgpack, PROTOCOL.md). Never fails for a value that would
+// decode; larger values still encode and are refused by the peer's decoder.
+std::string EncodeMessage(const Message& message);
+
+// Parses one message from untrusted bytes. Errors: InvalidArgument (see the file
+// comment) naming the kind and field; ResourceExhausted for a message or list over
+// `limits`.
+ABSL_MUST_USE_RESULT absl::StatusOr<Message> DecodeMessage(
+    absl::string_view bytes, const DecodeLimits& limits = DecodeLimits());
+
+}  // namespace kvx::transfer
+
+#endif  // KVX_TRANSFER_PROTOCOL_H_
