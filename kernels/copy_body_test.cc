@@ -26,7 +26,6 @@ namespace {
 
 using ::kvx::kernels::FirstDifference;
 using ::kvx::kernels::FragmentShape;
-using ::kvx::kernels::kFragmentShapes;
 using ::kvx::kernels::Launch;
 using ::kvx::testing::IsOk;
 
@@ -55,25 +54,15 @@ void RunGrid(const Map& map, uint64_t total, const Grid& grid) {
 
 uint64_t Address(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer); }
 
-class CopyBodyTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    seed_ = ::testing::UnitTest::GetInstance()->random_seed();
-    rng_.seed(seed_);
-  }
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
-};
+using CopyBodyTest = ::kvx::kernels::SeededTest;
 
 // Gather and scatter of random lists, as staging.cc lays out the entries.
 TEST_F(CopyBodyTest, GatherAndScatterMatchTheHostReference) {
   for (int iteration = 0; iteration < 48; ++iteration) {
-    const FragmentShape shape = kFragmentShapes[iteration % std::size(kFragmentShapes)];
+    const FragmentShape& shape = ShapeOf(iteration);
     const Grid& grid = kGrids[iteration % std::size(kGrids)];
-    SCOPED_TRACE(::testing::Message()
-                 << "seed=" << seed_ << " iteration=" << iteration
-                 << " max_fragment=" << shape.max_fragment << " alignment=" << shape.alignment
-                 << " threads=" << grid.threads << " chunk_bytes=" << grid.chunk_bytes);
+    SCOPED_TRACE(::testing::Message() << Trace(iteration, shape) << " threads=" << grid.threads
+                                      << " chunk_bytes=" << grid.chunk_bytes);
     const ::kvx::testing::FragmentLayout layout = ::kvx::testing::RandomFragmentLayout(
         rng_, shape.max_fragment, 4 * shape.max_fragment + 64, shape.alignment);
     std::vector<unsigned char> src(layout.src_bytes);

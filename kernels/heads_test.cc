@@ -133,13 +133,13 @@ std::vector<std::vector<unsigned char>> OracleSplit(const HeadCase& c) {
   return parts;
 }
 
-TEST(HeadsPropertyTest, SplitMatchesIndexOracleAndConcatInvertsIt) {
-  const uint64_t seed = ::testing::UnitTest::GetInstance()->random_seed();
-  std::mt19937_64 rng(seed);
+using HeadsPropertyTest = SeededTest;
+
+TEST_F(HeadsPropertyTest, SplitMatchesIndexOracleAndConcatInvertsIt) {
   for (int iteration = 0; iteration < 500; ++iteration) {
-    HeadCase c = RandomHeadCase(rng);
+    HeadCase c = RandomHeadCase(rng_);
     SCOPED_TRACE(::testing::Message()
-                 << "seed=" << seed << " iteration=" << iteration << " layers=" << c.layout.layers
+                 << "seed=" << seed_ << " iteration=" << iteration << " layers=" << c.layout.layers
                  << " kv_heads_per_rank=" << c.layout.kv_heads_per_rank
                  << " tokens_per_block=" << c.layout.tokens_per_block
                  << " head_size=" << c.layout.head_size

@@ -31,7 +31,7 @@ using ::kvx::testing::StatusIs;
 constexpr unsigned char kGuard = 0x3C;
 constexpr int64_t kCapacity = 1 << 16;
 
-class KernelsGpuTest : public ::testing::Test {
+class KernelsGpuTest : public SeededTest {
  protected:
   void SetUp() override {
     const absl::StatusOr<int> devices = CudaDeviceCount();
@@ -43,8 +43,6 @@ class KernelsGpuTest : public ::testing::Test {
         DeviceWorkspace::Create(kCapacity);
     ASSERT_THAT(workspace, IsOk());
     workspace_ = std::move(*workspace);
-    seed_ = ::testing::UnitTest::GetInstance()->random_seed();
-    rng_.seed(seed_);
   }
 
   Launch Gpu() const { return Launch::Cuda(workspace_.get()); }
@@ -62,8 +60,6 @@ class KernelsGpuTest : public ::testing::Test {
   }
 
   std::unique_ptr<DeviceWorkspace> workspace_;
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
 };
 
 unsigned char* At(const DeviceBuffer& buffer, uint64_t offset) {
@@ -75,10 +71,8 @@ unsigned char* At(const DeviceBuffer& buffer, uint64_t offset) {
 // host copies give the expected bytes, guards included.
 TEST_F(KernelsGpuTest, GatherAndScatterMatchTheHostReference) {
   for (int iteration = 0; iteration < 64; ++iteration) {
-    const FragmentShape shape = kFragmentShapes[iteration % std::size(kFragmentShapes)];
-    SCOPED_TRACE(::testing::Message() << "seed=" << seed_ << " iteration=" << iteration
-                                      << " max_fragment=" << shape.max_fragment
-                                      << " alignment=" << shape.alignment);
+    const FragmentShape& shape = ShapeOf(iteration);
+    SCOPED_TRACE(Trace(iteration, shape));
     const ::kvx::testing::FragmentLayout layout = ::kvx::testing::RandomFragmentLayout(
         rng_, shape.max_fragment, 16 * shape.max_fragment + 64, shape.alignment);
     std::vector<unsigned char> src(layout.src_bytes);

@@ -57,24 +57,14 @@ HostCase MakeCase(std::mt19937_64& rng, uint64_t max_fragment, uint64_t payload,
   return c;
 }
 
-class StagingPropertyTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    seed_ = ::testing::UnitTest::GetInstance()->random_seed();
-    rng_.seed(seed_);
-  }
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
-};
+using StagingPropertyTest = SeededTest;
 
 // Gather against a byte-by-byte oracle: staging[offset + position of fragment i
 // + j] is source byte j of fragment i, and every other staging byte is a guard.
 TEST_F(StagingPropertyTest, GatherMatchesByteOracle) {
   for (int iteration = 0; iteration < 200; ++iteration) {
-    const FragmentShape shape = kFragmentShapes[iteration % std::size(kFragmentShapes)];
-    SCOPED_TRACE(::testing::Message() << "seed=" << seed_ << " iteration=" << iteration
-                                      << " max_fragment=" << shape.max_fragment
-                                      << " alignment=" << shape.alignment);
+    const FragmentShape& shape = ShapeOf(iteration);
+    SCOPED_TRACE(Trace(iteration, shape));
     HostCase c = MakeCase(rng_, shape.max_fragment, 8 * shape.max_fragment + 64, shape.alignment);
     const uint64_t offset = std::uniform_int_distribution<uint64_t>(0, 64)(rng_) *
                             (shape.alignment == 1 ? 1 : shape.alignment);
@@ -96,10 +86,8 @@ TEST_F(StagingPropertyTest, GatherMatchesByteOracle) {
 // fragments gives back the staging bytes. Guard gaps between destinations stay.
 TEST_F(StagingPropertyTest, ScatterMatchesByteOracleAndInvertsGather) {
   for (int iteration = 0; iteration < 200; ++iteration) {
-    const FragmentShape shape = kFragmentShapes[iteration % std::size(kFragmentShapes)];
-    SCOPED_TRACE(::testing::Message() << "seed=" << seed_ << " iteration=" << iteration
-                                      << " max_fragment=" << shape.max_fragment
-                                      << " alignment=" << shape.alignment);
+    const FragmentShape& shape = ShapeOf(iteration);
+    SCOPED_TRACE(Trace(iteration, shape));
     HostCase c = MakeCase(rng_, shape.max_fragment, 8 * shape.max_fragment + 64, shape.alignment);
     const uint64_t offset = std::uniform_int_distribution<uint64_t>(0, 64)(rng_);
     std::vector<unsigned char> staging(offset + c.total);

@@ -1,13 +1,16 @@
 // File: kernels/test_cases.h
 //
 // What the kernels' host and GPU tests share (testonly): fragment list shapes
-// for testing::RandomFragmentLayout, random head layouts, and a byte comparison
-// that names the first difference instead of printing two large buffers.
+// for testing::RandomFragmentLayout, random head layouts, a fixture seeded from
+// gtest's random seed, and a byte comparison that names the first difference
+// instead of printing two large buffers.
 //
-//   std::mt19937_64 rng(seed);
-//   for (const FragmentShape& shape : kFragmentShapes) { ... }
-//   HeadShape heads = RandomHeadShape(rng);
-//   EXPECT_EQ(FirstDifference(actual, expected), "");
+//   TEST_F(SeededTest, Something) {
+//     for (int i = 0; i < 100; ++i) {
+//       const FragmentShape& shape = ShapeOf(i);
+//       SCOPED_TRACE(Trace(i, shape));
+//       HeadShape heads = RandomHeadShape(rng_);
+//       EXPECT_EQ(FirstDifference(actual, expected), "");
 //
 // Thread safety: pure functions of their arguments.
 
@@ -15,6 +18,7 @@
 #define KVX_KERNELS_TEST_CASES_H_
 
 #include <cstdint>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -33,6 +37,26 @@ struct FragmentShape {
 };
 inline constexpr FragmentShape kFragmentShapes[] = {
     {1, 1}, {7, 1}, {300, 1}, {4096, 1}, {65536, 1}, {4096, 16}, {16384, 16}, {65536, 16}};
+
+// Seeds rng_ from gtest's random seed (pinned in BUILD, printed by Trace, so a
+// failure replays with --gtest_random_seed=N).
+class SeededTest : public ::testing::Test {
+ protected:
+  SeededTest() : seed_(::testing::UnitTest::GetInstance()->random_seed()), rng_(seed_) {}
+
+  // Iteration i's shape, cycling through kFragmentShapes.
+  static const FragmentShape& ShapeOf(int iteration) {
+    return kFragmentShapes[iteration % std::size(kFragmentShapes)];
+  }
+  // "seed=N iteration=I max_fragment=M alignment=A", for SCOPED_TRACE.
+  std::string Trace(int iteration, const FragmentShape& shape) const {
+    return absl::StrCat("seed=", seed_, " iteration=", iteration,
+                        " max_fragment=", shape.max_fragment, " alignment=", shape.alignment);
+  }
+
+  const uint64_t seed_;
+  std::mt19937_64 rng_;
+};
 
 // A head split: a layout with 1-3 layers, 1-4 parts of 1-3 heads, 1-5 tokens,
 // head sizes 1-9 (odd ones too), 1, 2 or 4-byte elements, and 0-4 blocks.
