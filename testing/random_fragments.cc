@@ -12,7 +12,8 @@
 namespace kvx::testing {
 
 FragmentLayout RandomFragmentLayout(std::mt19937_64& rng, uint64_t max_fragment,
-                                    uint64_t payload_bytes) {
+                                    uint64_t payload_bytes, uint64_t alignment) {
+  auto align = [alignment](uint64_t n) { return (n + alignment - 1) / alignment * alignment; };
   std::vector<uint64_t> lengths = {max_fragment, 1};
   uint64_t total = max_fragment + 1;
   std::uniform_real_distribution<double> log_size(0.0, std::log2(double(max_fragment)));
@@ -25,13 +26,14 @@ FragmentLayout RandomFragmentLayout(std::mt19937_64& rng, uint64_t max_fragment,
   std::shuffle(lengths.begin(), lengths.end(), rng);
 
   FragmentLayout layout;
-  layout.src_bytes = max_fragment + 4096;
+  layout.src_bytes = align(max_fragment) + 4096;
   std::uniform_int_distribution<uint64_t> gap(1, 4096);
-  uint64_t cursor = gap(rng);
+  uint64_t cursor = align(gap(rng));
   for (uint64_t length : lengths) {
-    std::uniform_int_distribution<uint64_t> src_at(0, layout.src_bytes - length);
-    layout.fragments.push_back({src_at(rng), cursor, length});
-    cursor += length + gap(rng);
+    length = align(length);
+    std::uniform_int_distribution<uint64_t> src_at(0, (layout.src_bytes - length) / alignment);
+    layout.fragments.push_back({src_at(rng) * alignment, cursor, length});
+    cursor += length + align(gap(rng));
   }
   layout.dst_bytes = cursor;
   // Posting order differs from target order, so no backend can rely on ascending

@@ -38,9 +38,11 @@ struct FragmentLayout {
 // Lengths are log-uniform in [1, max_fragment] (max_fragment and 1 always appear)
 // and add up to `payload_bytes` (at least max_fragment + 1). In the target the
 // fragments follow one another with 1 to 4096 guard bytes before each.
-// REQUIRES: max_fragment >= 1.
+// With `alignment` > 1 every length, offset and gap is rounded up to a multiple
+// of it (so 1 becomes `alignment`); with 1 the draws are those of the default.
+// REQUIRES: max_fragment >= 1; alignment a power of two <= 4096.
 FragmentLayout RandomFragmentLayout(std::mt19937_64& rng, uint64_t max_fragment,
-                                    uint64_t payload_bytes);
+                                    uint64_t payload_bytes, uint64_t alignment = 1);
 
 // Fills `bytes` from `rng`.
 void FillRandom(std::mt19937_64& rng, absl::Span<unsigned char> bytes);
