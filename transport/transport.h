@@ -75,6 +75,7 @@
 #define KVX_TRANSPORT_TRANSPORT_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/base/attributes.h"
@@ -179,6 +180,12 @@ struct EndpointOptions {
   // (tcp, shm) progress incoming writes only when the target polls, so this also
   // throttles an idle target.
   absl::Duration idle_poll_interval = absl::Microseconds(50);
+
+  // Called on the owner thread, with no lock held, after one or more transfers
+  // changed state (kDone, kFailed, kQuiesced), so a caller can wake up and poll
+  // instead of polling on a timer. Must be cheap and must not call back into this
+  // transport.
+  std::function<void()> on_transfer_update;
 };
 
 enum class TransferState {

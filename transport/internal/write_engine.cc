@@ -918,38 +918,41 @@ void WriteEngine::Abandon(PeerRun& run) {
 
 void WriteEngine::Publish() {
   if (outcomes_.empty()) return;
-  MutexLock lock(&mu_);
-  for (Outcome& outcome : outcomes_) {
-    auto it = records_.find(outcome.id);
-    if (it == records_.end()) continue;
-    TransferStatus& status = it->second.status;
-    const TransferState was = status.state;
-    if (outcome.status.state == TransferState::kFailed) {
-      // Semantics 2; the first error wins (a caller's cancel may have come first).
-      if (was == TransferState::kInProgress) {
-        status.state = TransferState::kFailed;
-        status.error = DeepCopy(outcome.status.error);
+  {
+    MutexLock lock(&mu_);
+    for (Outcome& outcome : outcomes_) {
+      auto it = records_.find(outcome.id);
+      if (it == records_.end()) continue;
+      TransferStatus& status = it->second.status;
+      const TransferState was = status.state;
+      if (outcome.status.state == TransferState::kFailed) {
+        // Semantics 2; the first error wins (a caller's cancel may have come first).
+        if (was == TransferState::kInProgress) {
+          status.state = TransferState::kFailed;
+          status.error = DeepCopy(outcome.status.error);
+        }
+        continue;
       }
-      continue;
+      // A final outcome. Invariant 3: a transfer already reported failed stays failed,
+      // even if all its bytes arrived after all.
+      if (was == TransferState::kFailed || outcome.status.state == TransferState::kQuiesced) {
+        status.state = TransferState::kQuiesced;
+        if (was == TransferState::kInProgress) status.error = DeepCopy(outcome.status.error);
+        status.target_settled = outcome.status.state == TransferState::kDone ||
+                                outcome.status.target_settled;
+      } else {
+        status.state = TransferState::kDone;
+      }
+      for (RegionId region : outcome.regions) {
+        auto r = regions_.find(region);
+        if (r != regions_.end()) --r->second.busy_transfers;
+      }
+      queued_writes_ -= outcome.writes;
     }
-    // A final outcome. Invariant 3: a transfer already reported failed stays failed,
-    // even if all its bytes arrived after all.
-    if (was == TransferState::kFailed || outcome.status.state == TransferState::kQuiesced) {
-      status.state = TransferState::kQuiesced;
-      if (was == TransferState::kInProgress) status.error = DeepCopy(outcome.status.error);
-      status.target_settled = outcome.status.state == TransferState::kDone ||
-                              outcome.status.target_settled;
-    } else {
-      status.state = TransferState::kDone;
-    }
-    for (RegionId region : outcome.regions) {
-      auto r = regions_.find(region);
-      if (r != regions_.end()) --r->second.busy_transfers;
-    }
-    queued_writes_ -= outcome.writes;
+    outcomes_.clear();
+    done_cv_.SignalAll();
   }
-  outcomes_.clear();
-  done_cv_.SignalAll();
+  if (options_.on_transfer_update) options_.on_transfer_update();
 }
 
 }  // namespace kvx::transport_internal

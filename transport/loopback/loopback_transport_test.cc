@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
@@ -96,6 +97,26 @@ TEST(LoopbackTransportTest, KeyGrantedToAnotherWriterIsRefused) {
   EXPECT_THAT(AwaitTransfer(*thief, t, absl::InfiniteFuture()),
               StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(dst, std::vector<char>(64, 'g'));
+}
+
+TEST(LoopbackTransportTest, TransferUpdateHookWakesAWaiter) {
+  absl::Notification updated;
+  EndpointOptions options;
+  options.on_transfer_update = [&updated] {
+    if (!updated.HasBeenNotified()) updated.Notify();
+  };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> a, CreateLoopbackTransport(options));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Transport> b, CreateLoopbackTransport());
+  std::vector<char> src(64, 's'), dst(64);
+  ASSERT_OK_AND_ASSIGN(RegionId s, a->RegisterMemory(src.data(), src.size()));
+  ASSERT_OK_AND_ASSIGN(RegionId d, b->RegisterMemory(dst.data(), dst.size()));
+  ASSERT_OK_AND_ASSIGN(PeerId writer, b->AddPeer(a->address()));
+  ASSERT_OK_AND_ASSIGN(RegionDescriptor grant, b->GrantRemoteWrite(d, writer));
+  ASSERT_OK_AND_ASSIGN(PeerId peer, a->AddPeer(b->address()));
+  ASSERT_OK_AND_ASSIGN(TransferId t, a->PostWrites(peer, {{s, 0, grant, 0, 64}},
+                                                   absl::Now() + absl::Seconds(10)));
+  EXPECT_TRUE(updated.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_OK(AwaitTransfer(*a, t, absl::InfiniteFuture()));
 }
 
 }  // namespace
