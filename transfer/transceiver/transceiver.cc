@@ -1,0 +1,1380 @@
+#include "transfer/transceiver/transceiver.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <set>
+#include <string>
+#include <thread>  // NOLINT(build/c++11)
+#include <tuple>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "cache_reuse/adapter.h"
+#include "transfer/control_channel.h"
+#include "transfer/fragments.h"
+#include "transfer/page_table.h"
+#include "transfer/protocol.h"
+#include "transfer/session.h"
+#include "transfer/slice.h"
+#include "transfer/topology.h"
+#include "sync/mutex.h"
+#include "transport/transport.h"
+
+namespace kvx::transceiver {
+namespace {
+
+using sync::CondVar;
+using sync::Mutex;
+using sync::MutexLock;
+using transfer::KVSlice;
+using transfer::Message;
+using transfer::RankInfo;
+using transfer::ReceiverSession;
+using transfer::SenderSession;
+using transfer::SessionAction;
+
+constexpr size_t kMaxInstanceName = 256;
+
+// The slice groups of a table as the slice builder and the pairing see them (one
+// source of truth: the page table).
+std::vector<cache_reuse::LayerGroupSpec> SliceGroupsOf(const transfer::RankPageTable& table) {
+  std::vector<cache_reuse::LayerGroupSpec> groups;
+  if (table.slice_groups.empty()) {
+    for (const transfer::AttentionGroup& g : table.attention_groups) {
+      groups.push_back(g.window.has_value() ? cache_reuse::LayerGroupSpec::Windowed(*g.window)
+                                            : cache_reuse::LayerGroupSpec::Full());
+    }
+    return groups;
+  }
+  for (int64_t index : table.slice_groups) {
+    if (index == transfer::kStateSliceGroup) {
+      groups.push_back(cache_reuse::LayerGroupSpec::Mamba());
+    } else {
+      const transfer::AttentionGroup& g = table.attention_groups[index];
+      groups.push_back(g.window.has_value() ? cache_reuse::LayerGroupSpec::Windowed(*g.window)
+                                            : cache_reuse::LayerGroupSpec::Full());
+    }
+  }
+  return groups;
+}
+
+std::vector<std::optional<int64_t>> WindowsOf(
+    absl::Span<const cache_reuse::LayerGroupSpec> groups) {
+  std::vector<std::optional<int64_t>> windows;
+  for (const cache_reuse::LayerGroupSpec& g : groups) windows.push_back(g.window);
+  return windows;
+}
+
+int64_t RankOf(const transfer::Topology& t) { return t.pp_rank * t.tp_size + t.tp_rank; }
+
+bool Printable(absl::string_view s) {
+  for (char c : s) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+// Two ranks of one instance must describe the same instance.
+bool SameShape(const transfer::Topology& a, const transfer::Topology& b) {
+  return a.tp_size == b.tp_size && a.pp_size == b.pp_size &&
+         a.layers_per_pp_rank == b.layers_per_pp_rank && a.attention_dp == b.attention_dp;
+}
+
+// A status deep-copied, so ThreadSanitizer sees no shared reference count across
+// threads (transport/internal/mutex.h explains why).
+absl::Status Copy(const absl::Status& s) {
+  return s.ok() ? absl::OkStatus() : absl::Status(s.code(), std::string(s.message()));
+}
+
+}  // namespace
+
+// Everything the rank's thread owns, and the little the engine's threads share
+// with it (guarded by mu).
+struct Transceiver::Impl {
+  // --- Constant after Create.
+  TransceiverOptions options;
+  transfer::RankPageTable table;
+  RankInfo self;
+  cache_reuse::CacheReuseAdapter* adapter = nullptr;
+  std::vector<cache_reuse::LayerGroupSpec> groups;
+  std::vector<std::optional<int64_t>> windows;
+  transfer::HeadModel heads;
+  int64_t self_dp_rank = 0;
+  std::unique_ptr<transport::Transport> transport;
+  std::vector<transport::RegionId> pool_regions;
+  std::unique_ptr<transfer::ControlChannel> channel;
+
+  // --- Shared with the engine's threads.
+  struct Command {
+    enum class Kind { kAddPeers, kRemovePeer, kSend, kReceive, kCancel } kind;
+    std::vector<std::string> addresses;
+    std::string instance;
+    uint64_t rid = 0;
+    int64_t slice_id = 0;
+    KVSlice slice;
+    std::vector<int64_t> aux;
+    int64_t prompt_len = 0;
+    std::optional<int64_t> state_slot;
+    absl::Time deadline;
+    std::optional<transfer::ReceiverRequest> receive;
+    int64_t context_dp_rank = 0;
+    absl::Time created;
+  };
+  struct HandshakeWait {
+    bool done = false;
+    absl::Status status;
+  };
+  mutable Mutex mu;
+  CondVar changed;  // results, handshakes, instance readiness
+  bool stop ABSL_GUARDED_BY(mu) = false;
+  std::vector<Command> commands ABSL_GUARDED_BY(mu);
+  std::map<std::string, HandshakeWait> handshakes ABSL_GUARDED_BY(mu);  // by address
+  std::map<std::string, std::set<int64_t>> ready_ranks ABSL_GUARDED_BY(mu);
+  std::map<std::string, int64_t> instance_sizes ABSL_GUARDED_BY(mu);
+  std::map<uint64_t, RequestStatus> live ABSL_GUARDED_BY(mu);
+  std::deque<RequestStatus> done_context ABSL_GUARDED_BY(mu);
+  std::deque<RequestStatus> done_generation ABSL_GUARDED_BY(mu);
+  TransceiverMetrics metrics ABSL_GUARDED_BY(mu);
+
+  // --- The rank's thread only.
+  struct PeerRank {
+    RankInfo info;
+    transport::PeerId peer = 0;
+    // Context side: the grants this rank received from the generation rank.
+    bool has_grants = false;
+    uint64_t grant_epoch = 0;
+    std::vector<transport::RegionDescriptor> grants;
+    // Generation side: the epoch of the grants given to the context rank.
+    uint64_t given_epoch = 0;
+    // Context side: plans this rank's writes to the generation rank.
+    std::optional<transfer::FragmentPlanner> planner;
+  };
+  struct PeerInstance {
+    std::map<int64_t, PeerRank> ranks;
+    transfer::Topology shape;  // of its first rank; all must agree
+  };
+  std::map<std::string, PeerInstance> instances;
+  std::map<std::string, std::pair<std::string, int64_t>> by_address;  // -> (instance, rank)
+
+  struct InFlight {
+    transport::TransferId id = 0;
+    uint64_t bytes = 0;
+    int64_t writes = 0;
+  };
+  struct SenderEntry {
+    explicit SenderEntry(uint64_t rid, int64_t rank) : session(rid, rank) {}
+    SenderSession session;
+    std::string instance;  // the generation instance, from the first request data
+    bool has_task = false;
+    int64_t prompt_len = 0;
+    std::optional<int64_t> state_slot;
+    std::map<std::pair<int64_t, int64_t>, InFlight> in_flight;
+    RequestMetrics metrics;
+    absl::Time started;
+    std::optional<absl::Time> first_post;
+  };
+  struct ReceiverEntry {
+    explicit ReceiverEntry(transfer::ReceiverRequest request) : session(std::move(request)) {}
+    ReceiverSession session;
+    std::string instance;
+    RequestMetrics metrics;
+    absl::Time started;
+    absl::Time timer = absl::InfiniteFuture();  // the deadline last put in `timers`
+  };
+  std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
+  std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
+  std::map<uint64_t, absl::Time> cancelled_early;  // rid -> forget after
+  std::set<uint64_t> touched;
+  std::set<uint64_t> posting;  // senders with transfers in flight
+  // (when, rid) of session deadlines, checked lazily.
+  std::priority_queue<std::pair<absl::Time, uint64_t>, std::vector<std::pair<absl::Time, uint64_t>>,
+                      std::greater<>>
+      timers;
+  // Reused across requests (the hot path allocates little).
+  transfer::FragmentPlan plan;
+  std::vector<transport::WriteOp> ops;
+
+  std::thread thread;
+
+  void Run();
+  void Execute(Command& command);
+  void Handle(const transfer::ControlChannel::Incoming& incoming);
+  void HandleRankInfo(const std::string& from, const RankInfo& info, bool is_request,
+                      const transfer::RankInfoReply* reply);
+  void HandleRequestData(const std::string& from, const transfer::RequestData& data);
+  void HandleResult(const std::string& from, const transfer::SliceResult& result);
+  void HandleAux(const std::string& from, const transfer::AuxTokens& aux);
+  void HandleCancel(const std::string& from, const transfer::Cancel& cancel);
+  void RunSender(SenderEntry& e, std::vector<SessionAction> actions);
+  void RunReceiver(ReceiverEntry& e, std::vector<SessionAction> actions);
+  void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
+                   std::vector<SessionAction>* out);
+  void PollTransfers();
+  void FireTimers(absl::Time now);
+  void Fence(const std::string& instance, int64_t rank);
+  void DropInstance(const std::string& instance, const absl::Status& why);
+  void Publish();
+  void Send(const std::string& address, const Message& message);
+  std::vector<transfer::PoolGrant> GrantAll(PeerRank& rank);
+  SenderEntry& Sender(uint64_t rid);
+  PeerRank* FindRank(const std::string& from, int64_t claimed_rank);
+  void FinishHandshake(const std::string& address, absl::Status status);
+  void MarkReady(const std::string& instance, int64_t rank);
+  void CountBad(absl::string_view what);
+  void Log(absl::string_view what);
+  RequestStatus StatusOf(const SenderEntry& e) const;
+  RequestStatus StatusOf(const ReceiverEntry& e) const;
+};
+
+// --- Create and the engine-facing methods --------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const TransceiverOptions& options,
+                                                                 RankSetup setup) {
+  if (options.instance.empty() || options.instance.size() > kMaxInstanceName ||
+      !Printable(options.instance)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "instance name must be 1..256 printable bytes: size=", options.instance.size()));
+  }
+  if (setup.adapter == nullptr) return absl::InvalidArgumentError("RankSetup.adapter is null");
+  if (!setup.create_transport) {
+    return absl::InvalidArgumentError("RankSetup.create_transport is empty");
+  }
+  absl::Status valid = transfer::ValidatePageTable(setup.page_table);
+  if (!valid.ok()) return valid;
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->table = std::move(setup.page_table);
+  impl->adapter = setup.adapter;
+  impl->groups = SliceGroupsOf(impl->table);
+  impl->windows = WindowsOf(impl->groups);
+  impl->heads = transfer::HeadModel{impl->table.num_kv_heads, impl->table.is_mla};
+  const transfer::Topology& topology = impl->table.topology;
+  impl->self_dp_rank = topology.attention_dp ? topology.tp_rank : 0;
+
+  absl::StatusOr<std::unique_ptr<transfer::ControlChannel>> channel =
+      transfer::ControlChannel::Create(transfer::ControlChannelOptions{options.control_bind});
+  if (!channel.ok()) return channel.status();
+  impl->channel = *std::move(channel);
+  transport::EndpointOptions endpoint = setup.endpoint;
+  transfer::ControlChannel* wake = impl->channel.get();
+  endpoint.on_transfer_update = [wake] { wake->Wake(); };
+  absl::StatusOr<std::unique_ptr<transport::Transport>> created = setup.create_transport(endpoint);
+  if (!created.ok()) return created.status();
+  impl->transport = *std::move(created);
+  for (size_t i = 0; i < impl->table.pools.size(); ++i) {
+    const transfer::Pool& pool = impl->table.pools[i];
+    absl::StatusOr<transport::RegionId> region = impl->transport->RegisterMemory(
+        reinterpret_cast<void*>(pool.base_address), pool.slot_bytes * static_cast<uint64_t>(pool.num_slots),
+        setup.pool_memory);
+    if (!region.ok()) {
+      return absl::Status(region.status().code(),
+                          absl::StrCat("registering pool ", i, ": ", region.status().message()));
+    }
+    impl->pool_regions.push_back(*region);
+  }
+  impl->self.instance = options.instance;
+  impl->self.role = options.role;
+  impl->self.rank = RankOf(topology);
+  impl->self.control_address = impl->channel->address();
+  impl->self.transport_address = impl->transport->address();
+  impl->self.page_table = impl->table;
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] { raw->Run(); });
+  return std::unique_ptr<Transceiver>(new Transceiver(std::move(impl)));
+}
+
+Transceiver::Transceiver(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Transceiver::~Transceiver() {
+  {
+    MutexLock lock(&impl_->mu);
+    impl_->stop = true;
+  }
+  impl_->channel->Wake();
+  if (impl_->thread.joinable()) impl_->thread.join();
+  // The transport's destructor ends whatever is still in flight before the pools
+  // it writes from or into can go away.
+  impl_->transport.reset();
+}
+
+const std::string& Transceiver::control_address() const { return impl_->self.control_address; }
+const RankInfo& Transceiver::rank_info() const { return impl_->self; }
+
+absl::Status Transceiver::AddPeerInstance(absl::Span<const std::string> control_addresses,
+                                          absl::Time deadline) {
+  if (control_addresses.empty()) {
+    return absl::InvalidArgumentError("AddPeerInstance needs the control address of every rank");
+  }
+  Impl::Command command;
+  command.kind = Impl::Command::Kind::kAddPeers;
+  command.addresses.assign(control_addresses.begin(), control_addresses.end());
+  {
+    MutexLock lock(&impl_->mu);
+    for (const std::string& address : command.addresses) {
+      impl_->handshakes[address] = Impl::HandshakeWait{};
+    }
+    impl_->commands.push_back(std::move(command));
+  }
+  impl_->channel->Wake();
+  MutexLock lock(&impl_->mu);
+  for (;;) {
+    std::vector<std::string> missing;
+    for (const std::string& address : control_addresses) {
+      const Impl::HandshakeWait& wait = impl_->handshakes[address];
+      if (!wait.done) {
+        missing.push_back(address);
+      } else if (!wait.status.ok()) {
+        return Copy(wait.status);
+      }
+    }
+    if (missing.empty()) return absl::OkStatus();
+    if (impl_->changed.WaitUntil(&lock, deadline)) {
+      return absl::UnavailableError(absl::StrCat(
+          "peer ranks did not complete the handshake by the deadline: instance=",
+          impl_->self.instance, " missing=[", absl::StrJoin(missing, ","), "]"));
+    }
+  }
+}
+
+absl::Status Transceiver::RemovePeerInstance(absl::string_view instance) {
+  {
+    MutexLock lock(&impl_->mu);
+    if (impl_->instance_sizes.count(std::string(instance)) == 0) {
+      return absl::NotFoundError(absl::StrCat("no such peer instance: instance=", instance));
+    }
+    Impl::Command command;
+    command.kind = Impl::Command::Kind::kRemovePeer;
+    command.instance = std::string(instance);
+    impl_->commands.push_back(std::move(command));
+  }
+  impl_->channel->Wake();
+  return absl::OkStatus();
+}
+
+absl::Status Transceiver::RespondAndSendAsync(const ContextRequest& request) {
+  if (impl_->self.role != Role::kContext) {
+    return absl::FailedPreconditionError("RespondAndSendAsync on a generation rank");
+  }
+  if (request.prompt_len <= 0 || request.slice_id < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request needs a positive prompt length and slice id >= 0: request=", request.unique_rid,
+        " prompt_len=", request.prompt_len, " slice=", request.slice_id));
+  }
+  cache_reuse::SliceRequest slice_request;
+  slice_request.request_id = static_cast<int64_t>(request.unique_rid);
+  slice_request.prompt_len = request.prompt_len;
+  slice_request.tokens_per_block = impl_->table.tokens_per_block;
+  slice_request.side = cache_reuse::Side::kContext;
+  slice_request.token_range = request.token_range;
+  absl::StatusOr<cache_reuse::BuiltSlice> built =
+      cache_reuse::BuildSlice(*impl_->adapter, slice_request, impl_->groups);
+  if (!built.ok()) return built.status();
+  const absl::Time now = absl::Now();
+  Impl::Command command;
+  command.kind = Impl::Command::Kind::kSend;
+  command.rid = request.unique_rid;
+  command.slice_id = request.slice_id;
+  command.slice = std::move(built->slice);
+  command.aux = request.aux_tokens;
+  command.prompt_len = request.prompt_len;
+  command.state_slot = request.state_slot;
+  command.deadline = now + request.timeout.value_or(impl_->options.default_request_timeout);
+  command.created = now;
+  {
+    MutexLock lock(&impl_->mu);
+    if (impl_->live.count(request.unique_rid) == 0 &&
+        impl_->live.size() >= impl_->options.max_requests) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "too many requests in flight: requests=", impl_->live.size(),
+          " max_requests=", impl_->options.max_requests));
+    }
+    RequestStatus& status = impl_->live[request.unique_rid];
+    status.unique_rid = request.unique_rid;
+    status.role = Role::kContext;
+    impl_->metrics.requests_started += request.slice_id == 0 ? 1 : 0;
+    impl_->commands.push_back(std::move(command));
+  }
+  impl_->channel->Wake();
+  return absl::OkStatus();
+}
+
+absl::Status Transceiver::RequestAndReceiveAsync(const GenerationRequest& request) {
+  if (impl_->self.role != Role::kGeneration) {
+    return absl::FailedPreconditionError("RequestAndReceiveAsync on a context rank");
+  }
+  if (request.prompt_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("request needs a positive prompt length: request=",
+                                                   request.unique_rid,
+                                                   " prompt_len=", request.prompt_len));
+  }
+  std::vector<transfer::TokenRange> ranges = request.slices;
+  if (ranges.empty()) ranges.push_back(transfer::TokenRange::Create(0, request.prompt_len).value());
+  // The slices split [0, prompt_len) in prompt order.
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const int64_t expected_start = i == 0 ? 0 : ranges[i - 1].end();
+    if (ranges[i].start() != expected_start ||
+        (i + 1 == ranges.size() && ranges[i].end() != request.prompt_len)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "slices must split [0, prompt_len) in order: request=", request.unique_rid,
+          " slice=", i, " start=", ranges[i].start(), " end=", ranges[i].end(),
+          " prompt_len=", request.prompt_len));
+    }
+  }
+  transfer::ReceiverRequest receive;
+  receive.unique_rid = request.unique_rid;
+  receive.self_rank = impl_->self.rank;
+  receive.prompt_len = request.prompt_len;
+  receive.dp_rank = impl_->self_dp_rank;
+  receive.aux_slot = request.aux_slot;
+  receive.state_slot = request.state_slot;
+  receive.report_grace = impl_->options.report_grace;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    cache_reuse::SliceRequest slice_request;
+    slice_request.request_id = static_cast<int64_t>(request.unique_rid);
+    slice_request.prompt_len = request.prompt_len;
+    slice_request.tokens_per_block = impl_->table.tokens_per_block;
+    slice_request.side = cache_reuse::Side::kGeneration;
+    slice_request.generation_only = request.generation_only;
+    slice_request.token_range = ranges[i];
+    absl::StatusOr<cache_reuse::BuiltSlice> built =
+        cache_reuse::BuildSlice(*impl_->adapter, slice_request, impl_->groups);
+    if (!built.ok()) return built.status();
+    transfer::ReceiverSlice slice;
+    slice.slice_id = static_cast<int64_t>(i);
+    slice.slice = std::move(built->slice);
+    // A chunk's earlier blocks came with the earlier chunks: only the block holding
+    // its first token (completed now) and those after it move again.
+    std::optional<int64_t> hint = request.dst_start_token;
+    if (i > 0) hint = std::max(hint.value_or(0), ranges[i].start());
+    slice.dst_start_token = hint;
+    receive.slices.push_back(std::move(slice));
+  }
+  const absl::Time now = absl::Now();
+  receive.deadline = now + request.timeout.value_or(impl_->options.default_request_timeout);
+  Impl::Command command;
+  command.kind = Impl::Command::Kind::kReceive;
+  command.rid = request.unique_rid;
+  command.instance = request.context_instance;
+  command.context_dp_rank = request.context_dp_rank;
+  command.receive = std::move(receive);
+  command.created = now;
+  {
+    MutexLock lock(&impl_->mu);
+    auto size = impl_->instance_sizes.find(request.context_instance);
+    if (size == impl_->instance_sizes.end() ||
+        static_cast<int64_t>(impl_->ready_ranks[request.context_instance].size()) != size->second) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "context instance is not added (AddPeerInstance) or not every rank finished its "
+          "handshake: instance=", request.context_instance, " request=", request.unique_rid));
+    }
+    if (impl_->live.count(request.unique_rid) > 0) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("request already in flight: request=", request.unique_rid));
+    }
+    if (impl_->live.size() >= impl_->options.max_requests) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "too many requests in flight: requests=", impl_->live.size(),
+          " max_requests=", impl_->options.max_requests));
+    }
+    RequestStatus& status = impl_->live[request.unique_rid];
+    status.unique_rid = request.unique_rid;
+    status.role = Role::kGeneration;
+    ++impl_->metrics.requests_started;
+    impl_->commands.push_back(std::move(command));
+  }
+  impl_->channel->Wake();
+  return absl::OkStatus();
+}
+
+namespace {
+
+std::vector<RequestStatus> Collect(sync::Mutex* mu, sync::CondVar* changed,
+                                   std::deque<RequestStatus>* done, size_t at_least,
+                                   absl::Time deadline) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  MutexLock lock(mu);
+  while (done->size() < at_least && !changed->WaitUntil(&lock, deadline)) {
+  }
+  std::vector<RequestStatus> out(std::make_move_iterator(done->begin()),
+                                 std::make_move_iterator(done->end()));
+  done->clear();
+  return out;
+}
+
+}  // namespace
+
+std::vector<RequestStatus> Transceiver::CheckContextTransferStatus(size_t at_least,
+                                                                   absl::Time deadline) {
+  return Collect(&impl_->mu, &impl_->changed, &impl_->done_context, at_least, deadline);
+}
+
+std::vector<RequestStatus> Transceiver::CheckGenTransferStatus(size_t at_least,
+                                                               absl::Time deadline) {
+  std::vector<RequestStatus> done =
+      Collect(&impl_->mu, &impl_->changed, &impl_->done_generation, at_least, deadline);
+  // SEMANTICS.md section 3: the whole prompt is here; hand it to the cache for reuse,
+  // on the engine's thread, which owns the cache manager.
+  for (RequestStatus& status : done) {
+    if (status.state == SessionState::kFullyTransferred) {
+      status.commit = impl_->adapter->CommitReceivedBlocks(static_cast<int64_t>(status.unique_rid));
+    }
+  }
+  return done;
+}
+
+absl::StatusOr<RequestStatus> Transceiver::GetStatus(uint64_t unique_rid) const {
+  MutexLock lock(&impl_->mu);
+  auto it = impl_->live.find(unique_rid);
+  if (it == impl_->live.end()) {
+    return absl::NotFoundError(absl::StrCat("no such request in flight: request=", unique_rid));
+  }
+  RequestStatus status = it->second;
+  status.error = Copy(status.error);
+  return status;
+}
+
+absl::Status Transceiver::CancelRequest(uint64_t unique_rid) {
+  Impl::Command command;
+  command.kind = Impl::Command::Kind::kCancel;
+  command.rid = unique_rid;
+  {
+    MutexLock lock(&impl_->mu);
+    impl_->commands.push_back(std::move(command));
+  }
+  impl_->channel->Wake();
+  return absl::OkStatus();
+}
+
+TransceiverMetrics Transceiver::metrics() const {
+  MutexLock lock(&impl_->mu);
+  return impl_->metrics;
+}
+
+// --- The rank's thread -----------------------------------------------------------------
+
+void Transceiver::Impl::Run() {
+  std::vector<transfer::ControlChannel::Incoming> incoming;
+  std::vector<Command> todo;
+  for (;;) {
+    absl::Time wake = absl::Now() + absl::Milliseconds(100);
+    if (!timers.empty()) wake = std::min(wake, timers.top().first);
+    incoming.clear();
+    absl::Status polled = channel->Poll(wake, &incoming);
+    if (!polled.ok()) Log(polled.ToString());
+    {
+      MutexLock lock(&mu);
+      if (stop) break;
+      todo.swap(commands);
+    }
+    for (Command& command : todo) Execute(command);
+    todo.clear();
+    for (const transfer::ControlChannel::Incoming& message : incoming) Handle(message);
+    PollTransfers();
+    FireTimers(absl::Now());
+    Publish();
+  }
+}
+
+void Transceiver::Impl::Log(absl::string_view what) {
+  std::fprintf(stderr, "kvx transceiver %s/%lld: %.*s\n", self.instance.c_str(),
+               static_cast<long long>(self.rank), static_cast<int>(what.size()), what.data());
+}
+
+void Transceiver::Impl::CountBad(absl::string_view what) {
+  int64_t bad = 0;
+  {
+    MutexLock lock(&mu);
+    bad = ++metrics.bad_messages;
+  }
+  // One line per power of two, so a flood cannot flood the log.
+  if ((bad & (bad - 1)) == 0) Log(absl::StrCat("bad message (", bad, " so far): ", what));
+}
+
+void Transceiver::Impl::Send(const std::string& address, const Message& message) {
+  absl::Status sent = channel->Send(address, transfer::EncodeMessage(message));
+  if (!sent.ok()) {
+    Log(absl::StrCat("cannot send ", transfer::MessageKindName(message), " to ", address, ": ",
+                     sent.ToString()));
+  }
+}
+
+void Transceiver::Impl::Execute(Command& command) {
+  switch (command.kind) {
+    case Command::Kind::kAddPeers: {
+      transfer::RankInfoRequest hello{self};
+      for (const std::string& address : command.addresses) {
+        auto known = by_address.find(address);
+        if (known != by_address.end()) {
+          PeerRank& rank = instances[known->second.first].ranks[known->second.second];
+          if (self.role == Role::kGeneration || rank.has_grants) {
+            FinishHandshake(address, absl::OkStatus());
+            continue;
+          }
+        }
+        Send(address, hello);
+      }
+      return;
+    }
+    case Command::Kind::kRemovePeer:
+      DropInstance(command.instance,
+                   absl::UnavailableError(absl::StrCat("peer instance removed: instance=",
+                                                       command.instance)));
+      return;
+    case Command::Kind::kSend: {
+      SenderEntry& e = Sender(command.rid);
+      if (!e.has_task) {
+        e.has_task = true;
+        e.prompt_len = command.prompt_len;
+        e.state_slot = command.state_slot;
+        e.started = command.created;
+      }
+      std::vector<SessionAction> actions;
+      if (e.prompt_len != command.prompt_len) {
+        e.session.Fail(absl::InvalidArgumentError(absl::StrCat(
+                           "slices of one request disagree on the prompt length: request=",
+                           command.rid, " prompt_len=", e.prompt_len, " vs ",
+                           command.prompt_len)),
+                       &actions);
+      } else {
+        absl::Status added = e.session.AddSlice(command.slice_id, std::move(command.slice),
+                                                std::move(command.aux), command.deadline, &actions);
+        if (!added.ok()) Log(added.ToString());
+        timers.emplace(command.deadline, command.rid);
+      }
+      RunSender(e, std::move(actions));
+      return;
+    }
+    case Command::Kind::kReceive: {
+      const uint64_t rid = command.rid;
+      auto entry = std::make_unique<ReceiverEntry>(*std::move(command.receive));
+      entry->instance = command.instance;
+      entry->started = command.created;
+      ReceiverEntry& e = *entry;
+      receivers[rid] = std::move(entry);
+      touched.insert(rid);
+      std::vector<SessionAction> actions;
+      const absl::Time now = absl::Now();
+      auto cancelled = cancelled_early.find(rid);
+      auto instance = instances.find(e.instance);
+      std::map<int64_t, uint64_t> epochs;
+      absl::Status problem;
+      if (instance != instances.end()) {
+        for (const auto& [rank, peer] : instance->second.ranks) {
+          absl::StatusOr<transfer::RankLink> link =
+              transfer::LinkRanks(peer.info.page_table.topology, table.topology, heads,
+                                  command.context_dp_rank, self_dp_rank);
+          if (!link.ok()) {
+            problem = link.status();
+            break;
+          }
+          if (link->overlaps) epochs[rank] = peer.given_epoch;
+        }
+      }
+      if (instance == instances.end() || (problem.ok() && epochs.empty())) {
+        problem = absl::UnavailableError(absl::StrCat(
+            "no rank of the context instance overlaps this one: instance=", e.instance,
+            " request=", rid));
+      }
+      if (!problem.ok()) {
+        e.session.Fail(problem, now, &actions);
+      } else {
+        e.session.Start(epochs, &actions);
+        if (cancelled != cancelled_early.end()) {
+          e.session.Cancel("cancelled before the request started", now, &actions);
+          cancelled_early.erase(cancelled);
+        }
+      }
+      RunReceiver(e, std::move(actions));
+      return;
+    }
+    case Command::Kind::kCancel: {
+      const absl::Time now = absl::Now();
+      std::vector<SessionAction> actions;
+      if (auto s = senders.find(command.rid); s != senders.end()) {
+        // Tell the receivers that asked; they stop waiting.
+        s->second->session.Cancel("cancelled by the context engine", &actions);
+        RunSender(*s->second, std::move(actions));
+      } else if (auto r = receivers.find(command.rid); r != receivers.end()) {
+        r->second->session.Cancel("cancelled by the generation engine", now, &actions);
+        RunReceiver(*r->second, std::move(actions));
+      } else {
+        cancelled_early[command.rid] = now + options.cancel_memory;
+        timers.emplace(now + options.cancel_memory, command.rid);
+      }
+      return;
+    }
+  }
+}
+
+Transceiver::Impl::SenderEntry& Transceiver::Impl::Sender(uint64_t rid) {
+  auto it = senders.find(rid);
+  if (it != senders.end()) return *it->second;
+  auto entry = std::make_unique<SenderEntry>(rid, self.rank);
+  entry->started = absl::Now();
+  SenderEntry& e = *entry;
+  senders[rid] = std::move(entry);
+  touched.insert(rid);
+  // Request data that waits for the engine's task waits only so long.
+  timers.emplace(e.started + options.request_data_ttl, rid);
+  auto cancelled = cancelled_early.find(rid);
+  if (cancelled != cancelled_early.end()) {
+    std::vector<SessionAction> actions;
+    e.session.Cancel("cancelled before this rank saw the request", &actions);
+    cancelled_early.erase(cancelled);
+  }
+  return e;
+}
+
+void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incoming) {
+  absl::StatusOr<Message> decoded = transfer::DecodeMessage(incoming.bytes);
+  if (!decoded.ok()) {
+    CountBad(absl::StrCat("from ", incoming.from, ": ", decoded.status().ToString()));
+    return;
+  }
+  if (auto* m = std::get_if<transfer::RankInfoRequest>(&*decoded)) {
+    HandleRankInfo(incoming.from, m->sender, /*is_request=*/true, nullptr);
+  } else if (auto* m = std::get_if<transfer::RankInfoReply>(&*decoded)) {
+    HandleRankInfo(incoming.from, m->sender, /*is_request=*/false, m);
+  } else if (auto* m = std::get_if<transfer::RequestData>(&*decoded)) {
+    HandleRequestData(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::SliceResult>(&*decoded)) {
+    HandleResult(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::AuxTokens>(&*decoded)) {
+    HandleAux(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::Cancel>(&*decoded)) {
+    HandleCancel(incoming.from, *m);
+  }
+}
+
+void Transceiver::Impl::FinishHandshake(const std::string& address, absl::Status status) {
+  MutexLock lock(&mu);
+  HandshakeWait& wait = handshakes[address];
+  if (wait.done && wait.status.ok()) return;
+  wait.done = true;
+  wait.status = Copy(status);
+  changed.SignalAll();
+}
+
+void Transceiver::Impl::MarkReady(const std::string& instance, int64_t rank) {
+  MutexLock lock(&mu);
+  ready_ranks[instance].insert(rank);
+  ++metrics.handshakes;
+  changed.SignalAll();
+}
+
+std::vector<transfer::PoolGrant> Transceiver::Impl::GrantAll(PeerRank& rank) {
+  std::vector<transfer::PoolGrant> grants;
+  for (transport::RegionId region : pool_regions) {
+    absl::StatusOr<transport::RegionDescriptor> d = transport->GrantRemoteWrite(region, rank.peer);
+    if (!d.ok()) {
+      Log(absl::StrCat("cannot grant pool to ", rank.info.control_address, ": ", d.status().ToString()));
+      return {};
+    }
+    grants.push_back(transfer::PoolGrant{d->address, d->length, d->key});
+  }
+  return grants;
+}
+
+void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& info,
+                                       bool is_request, const transfer::RankInfoReply* reply) {
+  // Whatever we conclude, a requester hears who we are, so it can see for itself
+  // why it is refused (CheckCompatible is symmetric).
+  absl::Status refusal;
+  if (info.role == self.role) {
+    refusal = absl::FailedPreconditionError(absl::StrCat(
+        "peer rank has this rank's role (a planner with sides swapped is refused): self=",
+        self.instance, "/", self.rank, " peer=", info.instance, "/", info.rank));
+  } else if (info.instance == self.instance) {
+    refusal = absl::FailedPreconditionError(
+        absl::StrCat("peer rank claims this rank's instance name: instance=", info.instance));
+  } else if (absl::Status compatible = transfer::CheckCompatible(table, info.page_table);
+             !compatible.ok()) {
+    refusal = absl::Status(compatible.code(),
+                           absl::StrCat("incompatible peer rank ", info.instance, "/", info.rank,
+                                        ": ", compatible.message()));
+  }
+  PeerInstance* instance = nullptr;
+  if (refusal.ok()) {
+    auto [it, inserted] = instances.try_emplace(info.instance);
+    instance = &it->second;
+    if (inserted) {
+      instance->shape = info.page_table.topology;
+    } else if (!SameShape(instance->shape, info.page_table.topology)) {
+      refusal = absl::FailedPreconditionError(absl::StrCat(
+          "ranks of one peer instance disagree on its shape: instance=", info.instance,
+          " rank=", info.rank));
+    }
+  }
+  PeerRank* rank = nullptr;
+  bool fresh = false;
+  if (refusal.ok()) {
+    auto existing = instance->ranks.find(info.rank);
+    if (existing != instance->ranks.end() &&
+        existing->second.info.transport_address != info.transport_address) {
+      // The same rank with a new endpoint: a restarted instance. Everything with the
+      // old one fails; the new one is a new peer.
+      Log(absl::StrCat("peer rank restarted: ", info.instance, "/", info.rank));
+      DropInstance(info.instance, absl::UnavailableError(absl::StrCat(
+                                      "peer rank restarted: instance=", info.instance,
+                                      " rank=", info.rank)));
+      instance = &instances[info.instance];
+      instance->shape = info.page_table.topology;
+      existing = instance->ranks.end();
+    }
+    if (existing == instance->ranks.end()) {
+      absl::StatusOr<transport::PeerId> peer = transport->AddPeer(info.transport_address);
+      if (!peer.ok()) {
+        refusal = peer.status();
+      } else {
+        PeerRank fresh_rank;
+        fresh_rank.info = info;
+        fresh_rank.peer = *peer;
+        if (self.role == Role::kContext) {
+          absl::StatusOr<transfer::FragmentPlanner> planner =
+              transfer::FragmentPlanner::Create(table, info.page_table);
+          if (!planner.ok()) {
+            refusal = planner.status();
+          } else {
+            fresh_rank.planner = *std::move(planner);
+          }
+        }
+        if (refusal.ok()) {
+          rank = &instance->ranks.emplace(info.rank, std::move(fresh_rank)).first->second;
+          fresh = true;
+          by_address[info.control_address] = {info.instance, info.rank};
+          MutexLock lock(&mu);
+          instance_sizes[info.instance] = info.page_table.topology.tp_size *
+                                          info.page_table.topology.pp_size;
+        }
+      }
+    } else {
+      rank = &existing->second;
+    }
+  }
+  if (!refusal.ok()) {
+    if (auto empty = instances.find(info.instance);
+        empty != instances.end() && empty->second.ranks.empty()) {
+      instances.erase(empty);
+    }
+    Log(refusal.ToString());
+    if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
+    FinishHandshake(info.control_address, refusal);
+    FinishHandshake(from, refusal);
+    return;
+  }
+  if (self.role == Role::kGeneration) {
+    // Grants go with every answer to a context rank (first epoch 1).
+    if (fresh || rank->given_epoch == 0) {
+      transfer::RankInfoReply answer{self, ++rank->given_epoch, GrantAll(*rank)};
+      Send(info.control_address, answer);
+    } else if (is_request) {
+      Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch, GrantAll(*rank)});
+    }
+    MarkReady(info.instance, info.rank);
+    FinishHandshake(info.control_address, absl::OkStatus());
+    return;
+  }
+  // Context side.
+  if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
+  if (reply != nullptr && !reply->grants.empty()) {
+    if (reply->grant_epoch <= rank->grant_epoch && rank->has_grants) return;  // stale
+    if (reply->grants.size() != info.page_table.pools.size()) {
+      CountBad(absl::StrCat("grants do not match the pools: rank=", info.rank,
+                            " grants=", reply->grants.size(),
+                            " pools=", info.page_table.pools.size()));
+      return;
+    }
+    rank->grants.clear();
+    for (size_t i = 0; i < reply->grants.size(); ++i) {
+      const transfer::PoolGrant& g = reply->grants[i];
+      const transfer::Pool& pool = info.page_table.pools[i];
+      if (g.length != pool.slot_bytes * static_cast<uint64_t>(pool.num_slots)) {
+        CountBad(absl::StrCat("grant length differs from its pool: rank=", info.rank,
+                              " pool=", i, " length=", g.length));
+        rank->grants.clear();
+        return;
+      }
+      rank->grants.push_back(transport::RegionDescriptor{g.address, g.length, g.key});
+    }
+    const bool first = !rank->has_grants;
+    rank->has_grants = true;
+    rank->grant_epoch = reply->grant_epoch;
+    if (first) MarkReady(info.instance, info.rank);
+    FinishHandshake(info.control_address, absl::OkStatus());
+  }
+}
+
+Transceiver::Impl::PeerRank* Transceiver::Impl::FindRank(const std::string& from,
+                                                         int64_t claimed_rank) {
+  auto known = by_address.find(from);
+  if (known == by_address.end() || known->second.second != claimed_rank) return nullptr;
+  auto instance = instances.find(known->second.first);
+  if (instance == instances.end()) return nullptr;
+  auto rank = instance->second.ranks.find(claimed_rank);
+  return rank == instance->second.ranks.end() ? nullptr : &rank->second;
+}
+
+void Transceiver::Impl::HandleRequestData(const std::string& from, const transfer::RequestData& data) {
+  PeerRank* peer = self.role == Role::kContext ? FindRank(from, data.receiver_rank) : nullptr;
+  if (peer == nullptr) {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+    return;
+  }
+  SenderEntry& e = Sender(data.unique_rid);
+  touched.insert(data.unique_rid);
+  std::vector<SessionAction> actions;
+  if (e.instance.empty()) {
+    e.instance = peer->info.instance;
+    std::vector<int64_t> receivers_of;
+    const PeerInstance& instance = instances[e.instance];
+    const int64_t ranks = instance.shape.tp_size * instance.shape.pp_size;
+    for (int64_t r = 0; r < ranks; ++r) {
+      transfer::Topology topology = instance.shape;
+      topology.tp_rank = r % topology.tp_size;
+      topology.pp_rank = r / topology.tp_size;
+      absl::StatusOr<transfer::RankLink> link =
+          transfer::LinkRanks(table.topology, topology, heads, self_dp_rank, data.dp_rank);
+      if (!link.ok()) {
+        e.session.Fail(link.status(), &actions);
+        break;
+      }
+      if (link->overlaps) receivers_of.push_back(r);
+    }
+    e.session.ExpectReceivers(std::move(receivers_of));
+  }
+  if (e.instance != peer->info.instance) {
+    // Another instance asks for a request this rank sends elsewhere: refuse it alone.
+    transfer::SliceResult refused;
+    refused.unique_rid = data.unique_rid;
+    refused.slice_id = data.slice_id;
+    refused.sender_rank = self.rank;
+    refused.outcome = transfer::SliceOutcome::kFailed;
+    refused.code = static_cast<int32_t>(absl::StatusCode::kFailedPrecondition);
+    refused.reason = "request is being sent to another instance";
+    Send(peer->info.control_address, refused);
+    return;
+  }
+  if (data.block_ids_per_group.size() != groups.size()) {
+    e.session.Fail(absl::InvalidArgumentError(absl::StrCat(
+                       "request data has the wrong number of groups: request=", data.unique_rid,
+                       " slice=", data.slice_id, " groups=", data.block_ids_per_group.size(),
+                       " expected=", groups.size())),
+                   &actions);
+  } else if (e.has_task && data.prompt_len != e.prompt_len) {
+    e.session.Fail(absl::InvalidArgumentError(absl::StrCat(
+                       "sender and receiver disagree on the prompt length: request=",
+                       data.unique_rid, " sender=", e.prompt_len, " receiver=", data.prompt_len)),
+                   &actions);
+  }
+  e.session.OnRequestData(data, &actions);
+  RunSender(e, std::move(actions));
+}
+
+void Transceiver::Impl::HandleResult(const std::string& from, const transfer::SliceResult& result) {
+  PeerRank* peer = self.role == Role::kGeneration ? FindRank(from, result.sender_rank) : nullptr;
+  auto entry = receivers.find(result.unique_rid);
+  if (peer == nullptr || entry == receivers.end() ||
+      entry->second->instance != peer->info.instance) {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+    return;
+  }
+  std::vector<SessionAction> actions;
+  entry->second->session.OnResult(result, absl::Now(), &actions);
+  touched.insert(result.unique_rid);
+  RunReceiver(*entry->second, std::move(actions));
+}
+
+void Transceiver::Impl::HandleAux(const std::string& from, const transfer::AuxTokens& aux) {
+  PeerRank* peer = self.role == Role::kGeneration ? FindRank(from, aux.sender_rank) : nullptr;
+  auto entry = receivers.find(aux.unique_rid);
+  if (peer == nullptr || entry == receivers.end() ||
+      entry->second->instance != peer->info.instance) {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+    return;
+  }
+  std::vector<SessionAction> actions;
+  entry->second->session.OnAuxTokens(aux, absl::Now(), &actions);
+  touched.insert(aux.unique_rid);
+  RunReceiver(*entry->second, std::move(actions));
+}
+
+void Transceiver::Impl::HandleCancel(const std::string& from, const transfer::Cancel& cancel) {
+  PeerRank* peer = FindRank(from, cancel.sender_rank);
+  if (peer == nullptr || cancel.from == self.role) {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+    return;
+  }
+  const absl::Time now = absl::Now();
+  std::vector<SessionAction> actions;
+  const std::string reason = absl::StrCat("cancelled by peer ", peer->info.instance, "/",
+                                          peer->info.rank, ": ", cancel.reason);
+  if (self.role == Role::kContext) {
+    auto entry = senders.find(cancel.unique_rid);
+    if (entry == senders.end()) {
+      cancelled_early[cancel.unique_rid] = now + options.cancel_memory;
+      timers.emplace(now + options.cancel_memory, cancel.unique_rid);
+      return;
+    }
+    entry->second->session.Cancel(reason, &actions);
+    touched.insert(cancel.unique_rid);
+    RunSender(*entry->second, std::move(actions));
+    return;
+  }
+  auto entry = receivers.find(cancel.unique_rid);
+  if (entry == receivers.end() || entry->second->instance != peer->info.instance) {
+    cancelled_early[cancel.unique_rid] = now + options.cancel_memory;
+    timers.emplace(now + options.cancel_memory, cancel.unique_rid);
+    return;
+  }
+  entry->second->session.Cancel(reason, now, &actions);
+  touched.insert(cancel.unique_rid);
+  RunReceiver(*entry->second, std::move(actions));
+}
+
+void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> actions) {
+  touched.insert(e.session.unique_rid());
+  // Actions may produce more (a post that fails at once ends its pair).
+  for (size_t i = 0; i < actions.size(); ++i) {
+    SessionAction action = std::move(actions[i]);
+    if (auto* send = std::get_if<transfer::SendMessage>(&action)) {
+      const PeerInstance& instance = instances[e.instance];
+      auto rank = instance.ranks.find(send->peer_rank);
+      if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
+    } else if (auto* post = std::get_if<transfer::PostSlice>(&action)) {
+      PlanAndPost(e, post->slice_id, post->receiver_rank, &actions);
+    } else if (std::holds_alternative<transfer::CancelPosted>(action)) {
+      for (const auto& [key, flight] : e.in_flight) {
+        absl::Status cancelled = transport->CancelTransfer(flight.id);
+        if (!cancelled.ok()) Log(cancelled.ToString());
+      }
+    }
+  }
+}
+
+void Transceiver::Impl::RunReceiver(ReceiverEntry& e, std::vector<SessionAction> actions) {
+  const uint64_t rid = e.session.request().unique_rid;
+  touched.insert(rid);
+  for (size_t i = 0; i < actions.size(); ++i) {
+    SessionAction action = std::move(actions[i]);
+    if (auto* send = std::get_if<transfer::SendMessage>(&action)) {
+      const PeerInstance& instance = instances[e.instance];
+      auto rank = instance.ranks.find(send->peer_rank);
+      if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
+    } else if (auto* fence = std::get_if<transfer::FenceSender>(&action)) {
+      Fence(e.instance, fence->sender_rank);
+    }
+  }
+  // Its deadline moves when it starts failing (the report grace).
+  auto still = receivers.find(rid);
+  if (still != receivers.end()) {
+    const absl::Time next = still->second->session.next_deadline();
+    if (next != still->second->timer) {
+      still->second->timer = next;
+      if (next != absl::InfiniteFuture()) timers.emplace(next, rid);
+    }
+  }
+}
+
+void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
+                                    std::vector<SessionAction>* out) {
+  const absl::Time start = absl::Now();
+  auto fail = [&](absl::Status status) {
+    e.session.OnSliceEnded(slice_id, receiver, transfer::SliceOutcomeInfo{status, true, 0, 0}, out);
+  };
+  PeerInstance& instance = instances[e.instance];
+  auto rank = instance.ranks.find(receiver);
+  const KVSlice* slice = e.session.slice(slice_id);
+  const transfer::RequestData* data = e.session.request_data(slice_id, receiver);
+  if (rank == instance.ranks.end() || slice == nullptr || data == nullptr) {
+    return fail(absl::InternalError(absl::StrCat("nothing to post: request=", e.session.unique_rid(),
+                                                 " slice=", slice_id, " receiver=", receiver)));
+  }
+  PeerRank& peer = rank->second;
+  if (!peer.has_grants || peer.grant_epoch != data->grant_epoch) {
+    // The writes of a request use the grants its request data named: older ones are
+    // revoked, newer ones belong to requests after a fence.
+    return fail(absl::FailedPreconditionError(absl::StrCat(
+        "request data names grants this rank does not hold: request=", e.session.unique_rid(),
+        " receiver=", receiver, " epoch=", data->grant_epoch, " held=", peer.grant_epoch)));
+  }
+  absl::StatusOr<transfer::TokenRange> dst_range =
+      transfer::TokenRange::Create(data->token_start, data->token_end);
+  if (!dst_range.ok()) return fail(dst_range.status());
+  KVSlice dst;
+  dst.token_range = *dst_range;
+  dst.block_ids_per_layer_group = data->block_ids_per_group;
+  dst.is_last_slice = data->is_last_slice;
+  transfer::PairingOptions pairing;
+  pairing.tokens_per_block = table.tokens_per_block;
+  pairing.prompt_len = e.prompt_len;
+  pairing.windows = windows;
+  pairing.dst_start_token = data->dst_start_token;
+  pairing.request_id = static_cast<int64_t>(e.session.unique_rid());
+  pairing.slice_id = slice_id;
+  absl::StatusOr<std::vector<transfer::GroupPairing>> pairs =
+      transfer::PairSliceBlocks(*slice, dst, pairing);
+  if (!pairs.ok()) return fail(pairs.status());
+  transfer::PlanContext context;
+  context.request_id = static_cast<int64_t>(e.session.unique_rid());
+  context.slice_id = slice_id;
+  context.src_state_slot = e.state_slot;
+  context.dst_state_slot = data->state_slot;
+  absl::Status planned = peer.planner->PlanInto(*pairs, context, &plan);
+  if (!planned.ok()) return fail(planned);
+  int64_t paired = 0;
+  for (const transfer::GroupPairing& g : *pairs) paired += static_cast<int64_t>(g.src.size());
+  int64_t held = 0;
+  for (const transfer::BlockList& list : slice->block_ids_per_layer_group) {
+    held += static_cast<int64_t>(list.size());
+  }
+  e.metrics.blocks += paired;
+  e.metrics.blocks_skipped += held - paired;
+  e.metrics.fragments += plan.fragments_before_coalescing;
+  const absl::Time planned_at = absl::Now();
+  e.metrics.plan += planned_at - start;
+  if (plan.fragments.empty()) {
+    // A replica that only reports, or nothing left to move: an empty write.
+    e.session.OnSliceEnded(slice_id, receiver, transfer::SliceOutcomeInfo{}, out);
+    return;
+  }
+  ops.clear();
+  for (const transfer::Fragment& f : plan.fragments) {
+    ops.push_back(transport::WriteOp{pool_regions[f.src_pool], f.src_offset,
+                                     peer.grants[f.dst_pool], f.dst_offset, f.bytes});
+  }
+  absl::StatusOr<transport::TransferId> id =
+      transport->PostWrites(peer.peer, ops, e.session.deadline());
+  e.metrics.post += absl::Now() - planned_at;
+  if (!id.ok()) return fail(id.status());
+  if (!e.first_post.has_value()) e.first_post = planned_at;
+  e.in_flight[{slice_id, receiver}] =
+      InFlight{*id, plan.total_bytes, static_cast<int64_t>(plan.fragments.size())};
+  posting.insert(e.session.unique_rid());
+}
+
+void Transceiver::Impl::PollTransfers() {
+  for (auto rid = posting.begin(); rid != posting.end();) {
+    auto entry = senders.find(*rid);
+    if (entry == senders.end()) {
+      rid = posting.erase(rid);
+      continue;
+    }
+    SenderEntry& e = *entry->second;
+    std::vector<SessionAction> actions;
+    for (auto it = e.in_flight.begin(); it != e.in_flight.end();) {
+      absl::StatusOr<transport::TransferStatus> status = transport->PollTransfer(it->second.id);
+      transfer::SliceOutcomeInfo outcome;
+      if (!status.ok()) {
+        outcome.status = status.status();  // Forgotten: a kvx bug; report it.
+        outcome.settled = false;
+      } else if (!status->final()) {
+        ++it;
+        continue;
+      } else if (status->state == transport::TransferState::kQuiesced) {
+        outcome.status = status->error;
+        outcome.settled = status->target_settled;
+      } else {
+        outcome.bytes = it->second.bytes;
+        outcome.writes = it->second.writes;
+        e.metrics.bytes += it->second.bytes;
+        e.metrics.writes += it->second.writes;
+        e.metrics.transfer = absl::Now() - e.first_post.value_or(absl::Now());
+      }
+      const auto key = it->first;
+      it = e.in_flight.erase(it);
+      e.session.OnSliceEnded(key.first, key.second, outcome, &actions);
+    }
+    if (!actions.empty()) RunSender(e, std::move(actions));
+    touched.insert(*rid);
+    rid = e.in_flight.empty() ? posting.erase(rid) : std::next(rid);
+  }
+}
+
+void Transceiver::Impl::FireTimers(absl::Time now) {
+  // Entries of finished requests are dropped lazily; rebuild before they dominate.
+  const size_t live_entries = senders.size() + receivers.size() + cancelled_early.size();
+  if (timers.size() > 4 * live_entries + 1024) {
+    std::vector<std::pair<absl::Time, uint64_t>> keep;
+    for (const auto& [rid, e] : senders) {
+      keep.emplace_back(e->session.deadline(), rid);
+      keep.emplace_back(e->started + options.request_data_ttl, rid);
+    }
+    for (const auto& [rid, e] : receivers) keep.emplace_back(e->timer, rid);
+    for (const auto& [rid, until] : cancelled_early) keep.emplace_back(until, rid);
+    timers = decltype(timers)(std::greater<>(), std::move(keep));
+  }
+  while (!timers.empty() && timers.top().first <= now) {
+    const uint64_t rid = timers.top().second;
+    timers.pop();
+    if (auto c = cancelled_early.find(rid); c != cancelled_early.end() && c->second <= now) {
+      cancelled_early.erase(c);
+    }
+    std::vector<SessionAction> actions;
+    if (auto s = senders.find(rid); s != senders.end()) {
+      SenderEntry& e = *s->second;
+      if (!e.has_task && now >= e.started + options.request_data_ttl) {
+        e.session.Fail(absl::DeadlineExceededError(absl::StrCat(
+                           "request data waited for the engine's task longer than "
+                           "request_data_ttl: request=", rid)),
+                       &actions);
+      } else {
+        e.session.OnDeadline(now, &actions);
+      }
+      RunSender(e, std::move(actions));
+    } else if (auto r = receivers.find(rid); r != receivers.end()) {
+      r->second->session.OnDeadline(now, &actions);
+      RunReceiver(*r->second, std::move(actions));
+    }
+  }
+}
+
+void Transceiver::Impl::Fence(const std::string& instance_name, int64_t rank_id) {
+  auto instance = instances.find(instance_name);
+  if (instance == instances.end()) return;
+  auto rank = instance->second.ranks.find(rank_id);
+  if (rank == instance->second.ranks.end()) return;
+  PeerRank& peer = rank->second;
+  absl::Status removed = transport->RemovePeer(peer.peer);
+  if (!removed.ok()) Log(absl::StrCat("fence failed: ", removed.ToString()));
+  {
+    MutexLock lock(&mu);
+    ++metrics.fences;
+  }
+  Log(absl::StrCat("fenced sender ", instance_name, "/", rank_id));
+  // Back in business with fresh keys: the new epoch is what later request data
+  // names, so nothing planned against the old grants can ever use the new ones.
+  absl::StatusOr<transport::PeerId> again = transport->AddPeer(peer.info.transport_address);
+  if (again.ok()) {
+    peer.peer = *again;
+    transfer::RankInfoReply regrant{self, ++peer.given_epoch, GrantAll(peer)};
+    Send(peer.info.control_address, regrant);
+  }
+  const absl::Time now = absl::Now();
+  for (auto& [rid, entry] : receivers) {
+    if (entry->instance != instance_name || !entry->session.waits_on(rank_id)) continue;
+    std::vector<SessionAction> actions;
+    entry->session.OnSenderFenced(rank_id, now, &actions);
+    touched.insert(rid);
+    RunReceiver(*entry, std::move(actions));
+  }
+}
+
+void Transceiver::Impl::DropInstance(const std::string& instance_name, const absl::Status& why) {
+  auto instance = instances.find(instance_name);
+  if (instance == instances.end()) return;
+  const absl::Time now = absl::Now();
+  for (auto& [rid, entry] : senders) {
+    if (entry->instance != instance_name) continue;
+    std::vector<SessionAction> actions;
+    entry->session.Fail(why, &actions);
+    RunSender(*entry, std::move(actions));
+  }
+  for (auto& [rank_id, peer] : instance->second.ranks) {
+    // Removing the transport peer is the fence; every receiver stops waiting on it.
+    absl::Status removed = transport->RemovePeer(peer.peer);
+    if (!removed.ok()) Log(removed.ToString());
+    channel->Disconnect(peer.info.control_address);
+    by_address.erase(peer.info.control_address);
+  }
+  for (auto& [rid, entry] : receivers) {
+    if (entry->instance != instance_name) continue;
+    std::vector<SessionAction> actions;
+    entry->session.Fail(why, now, &actions);
+    for (const auto& [rank_id, peer] : instance->second.ranks) {
+      entry->session.OnSenderFenced(rank_id, now, &actions);
+    }
+    touched.insert(rid);
+    // Nothing to send to: the instance is gone. Only the state matters now.
+  }
+  instances.erase(instance);
+  MutexLock lock(&mu);
+  ready_ranks.erase(instance_name);
+  instance_sizes.erase(instance_name);
+  changed.SignalAll();
+}
+
+RequestStatus Transceiver::Impl::StatusOf(const SenderEntry& e) const {
+  RequestStatus status;
+  status.unique_rid = e.session.unique_rid();
+  status.role = Role::kContext;
+  status.state = e.session.state();
+  status.error = Copy(e.session.error());
+  status.metrics = e.metrics;
+  status.metrics.total = absl::Now() - e.started;
+  return status;
+}
+
+RequestStatus Transceiver::Impl::StatusOf(const ReceiverEntry& e) const {
+  RequestStatus status;
+  status.unique_rid = e.session.request().unique_rid;
+  status.role = Role::kGeneration;
+  status.state = e.session.state();
+  status.error = Copy(e.session.error());
+  status.aux_tokens = e.session.aux_tokens();
+  status.metrics = e.metrics;
+  status.metrics.bytes = e.session.bytes();
+  status.metrics.writes = e.session.writes();
+  status.metrics.total = absl::Now() - e.started;
+  return status;
+}
+
+void Transceiver::Impl::Publish() {
+  if (touched.empty()) return;
+  std::vector<RequestStatus> statuses;
+  for (uint64_t rid : touched) {
+    if (auto s = senders.find(rid); s != senders.end()) {
+      // A sender entry that request data alone created is reported only if the
+      // engine asked for the request too (live holds only what the engine asked).
+      statuses.push_back(StatusOf(*s->second));
+      if (transfer::IsFinal(s->second->session.state()) && s->second->in_flight.empty()) {
+        senders.erase(s);
+      }
+    } else if (auto r = receivers.find(rid); r != receivers.end()) {
+      statuses.push_back(StatusOf(*r->second));
+      if (transfer::IsFinal(r->second->session.state())) receivers.erase(r);
+    }
+  }
+  touched.clear();
+  MutexLock lock(&mu);
+  for (RequestStatus& status : statuses) {
+    auto live_entry = live.find(status.unique_rid);
+    if (live_entry == live.end()) continue;  // The engine never asked for it.
+    if (!status.final()) {
+      live_entry->second = std::move(status);
+      continue;
+    }
+    live.erase(live_entry);
+    if (status.state == SessionState::kFullyTransferred) {
+      ++metrics.requests_succeeded;
+    } else if (status.state == SessionState::kCancelled) {
+      ++metrics.requests_cancelled;
+    } else {
+      ++metrics.requests_failed;
+    }
+    metrics.bytes += status.metrics.bytes;
+    metrics.writes += status.metrics.writes;
+    (status.role == Role::kContext ? done_context : done_generation).push_back(std::move(status));
+  }
+  changed.SignalAll();
+}
+
+}  // namespace kvx::transceiver

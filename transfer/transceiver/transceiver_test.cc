@@ -1,0 +1,285 @@
+// The transceiver end to end in one process, over the loopback transport: two
+// instances of ranks, real control-plane sockets on 127.0.0.1, real slices from the
+// V2 adapter over fake cache managers, and every byte checked.
+
+#include "transfer/transceiver/transceiver.h"
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "cache_reuse/adapter.h"
+#include "cache_reuse/v2_adapter.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/fake_cache_managers.h"
+#include "testing/status_matchers.h"
+#include "transfer/page_table.h"
+#include "transfer/protocol.h"
+#include "transfer/scenario.h"
+#include "transfer/session.h"
+#include "transfer/slice.h"
+#include "transfer/topology.h"
+#include "transport/loopback/loopback_transport.h"
+#include "transport/transport.h"
+
+namespace kvx::transceiver {
+namespace {
+
+using ::kvx::testing::StatusIs;
+using ::testing::ElementsAre;
+
+constexpr unsigned char kGuard = 0xEE;
+constexpr int64_t kSlots = 64;
+
+absl::Time In(absl::Duration d) { return absl::Now() + d; }
+
+// Two layers, two KV heads of size 2 in bf16, 4 tokens per block: one K or V head
+// of one block is 16 bytes.
+transfer::ModelSpec Model() {
+  transfer::ModelSpec model;
+  model.num_layers = 2;
+  model.num_kv_heads = 2;
+  model.head_size = 2;
+  model.element_bytes = 2;
+  model.tokens_per_block = 4;
+  model.groups = {transfer::GroupSpec{std::nullopt, transfer::AllLayers(2)}};
+  return model;
+}
+
+// One rank: its KV memory (pools back to back), cache manager and transceiver.
+struct Rank {
+  std::vector<unsigned char> memory;
+  transfer::RankPageTable table;
+  kvx::testing::FakePagedCacheManager manager;
+  std::unique_ptr<cache_reuse::V2Adapter> adapter;
+  std::unique_ptr<Transceiver> transceiver;
+
+  uint64_t slot_bytes() const { return table.pools[0].slot_bytes; }
+  unsigned char* slot(int64_t id) { return memory.data() + slot_bytes() * id; }
+};
+
+std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
+                               const transfer::Topology& topology) {
+  auto rank = std::make_unique<Rank>();
+  absl::StatusOr<transfer::RankPageTable> probe =
+      transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
+  EXPECT_OK(probe.status());
+  if (!probe.ok()) return nullptr;
+  uint64_t bytes = 0;
+  for (const transfer::Pool& pool : probe->pools) {
+    bytes = std::max(bytes, pool.base_address - 0x10000 + pool.slot_bytes * pool.num_slots);
+  }
+  rank->memory.assign(bytes, kGuard);
+  absl::StatusOr<transfer::RankPageTable> table = transfer::BuildStandardPageTable(
+      Model(), topology, kSlots, reinterpret_cast<uint64_t>(rank->memory.data()));
+  EXPECT_OK(table.status());
+  if (!table.ok()) return nullptr;
+  rank->table = *table;
+  rank->adapter = std::make_unique<cache_reuse::V2Adapter>(&rank->manager,
+                                                           cache_reuse::ReuseOptions{true});
+  RankSetup setup;
+  setup.page_table = rank->table;
+  setup.adapter = rank->adapter.get();
+  setup.create_transport = [](const transport::EndpointOptions& options) {
+    return transport::CreateLoopbackTransport(options);
+  };
+  TransceiverOptions options;
+  options.instance = instance;
+  options.role = role;
+  options.default_request_timeout = absl::Seconds(20);
+  options.report_grace = absl::Milliseconds(500);
+  absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
+  EXPECT_OK(t.status());
+  if (!t.ok()) return nullptr;
+  rank->transceiver = *std::move(t);
+  return rank;
+}
+
+// A deterministic byte of request `rid`, slot `slot`, offset `i`.
+unsigned char Pattern(uint64_t rid, int64_t slot, uint64_t i) {
+  return static_cast<unsigned char>((rid * 131 + slot * 29 + i * 7 + 1) & 0xff);
+}
+
+void Fill(Rank& rank, uint64_t rid, const std::vector<int64_t>& slots) {
+  for (int64_t slot : slots) {
+    for (uint64_t i = 0; i < rank.slot_bytes(); ++i) rank.slot(slot)[i] = Pattern(rid, slot, i);
+  }
+}
+
+// Identical layouts copy whole slots: generation slot dst[i] must hold what context
+// slot src[i] held.
+::testing::AssertionResult SameSlots(Rank& generation, const std::vector<int64_t>& dst,
+                                     Rank& context, const std::vector<int64_t>& src) {
+  for (size_t i = 0; i < dst.size(); ++i) {
+    if (std::memcmp(generation.slot(dst[i]), context.slot(src[i]), generation.slot_bytes()) != 0) {
+      return ::testing::AssertionFailure() << "slot " << dst[i] << " differs from source slot " << src[i];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+bool Untouched(Rank& rank, int64_t slot) {
+  for (uint64_t i = 0; i < rank.slot_bytes(); ++i) {
+    if (rank.slot(slot)[i] != kGuard) return false;
+  }
+  return true;
+}
+
+class TransceiverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    context_ = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}));
+    generation_ = MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
+    ASSERT_NE(context_, nullptr);
+    ASSERT_NE(generation_, nullptr);
+    ASSERT_OK(generation_->transceiver->AddPeerInstance({context_->transceiver->control_address()},
+                                                        In(absl::Seconds(10))));
+  }
+
+  RequestStatus OneGen() {
+    std::vector<RequestStatus> done =
+        generation_->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    EXPECT_EQ(done.size(), 1u);
+    return done.empty() ? RequestStatus{} : done[0];
+  }
+  RequestStatus OneContext() {
+    std::vector<RequestStatus> done =
+        context_->transceiver->CheckContextTransferStatus(1, In(absl::Seconds(30)));
+    EXPECT_EQ(done.size(), 1u);
+    return done.empty() ? RequestStatus{} : done[0];
+  }
+
+  std::unique_ptr<Rank> context_;
+  std::unique_ptr<Rank> generation_;
+};
+
+TEST_F(TransceiverTest, OneRequestMovesEveryByteAndItsAuxTokens) {
+  const uint64_t rid = 17;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11, 12, 13}});
+  Fill(*context_, rid, {0, 1, 2, 3});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ContextRequest send;
+  send.unique_rid = rid;
+  send.prompt_len = 16;
+  send.aux_tokens = {42, 7};
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(send));
+
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
+  EXPECT_THAT(got.aux_tokens, ElementsAre(42, 7));
+  EXPECT_OK(got.commit);
+  EXPECT_TRUE(generation_->manager.committed(rid));
+  const RequestStatus sent = OneContext();
+  EXPECT_EQ(sent.state, SessionState::kFullyTransferred) << sent.error;
+  EXPECT_EQ(sent.metrics.bytes, 4 * context_->slot_bytes());
+  EXPECT_EQ(sent.metrics.writes, 1);  // Four contiguous slots coalesce into one write.
+  EXPECT_TRUE(SameSlots(*generation_, {10, 11, 12, 13}, *context_, {0, 1, 2, 3}));
+  for (int64_t slot : {0, 9, 14, 63}) EXPECT_TRUE(Untouched(*generation_, slot)) << slot;
+}
+
+TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
+  const uint64_t rid = 18;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  // The generation side holds the first two blocks already (8 committed tokens).
+  generation_->manager.AddRequestFromTables(rid, 8, {{20, 21, 22, 23}});
+  Fill(*context_, rid, {0, 1, 2, 3});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  const RequestStatus sent = OneContext();
+  EXPECT_EQ(sent.metrics.blocks, 2);
+  EXPECT_EQ(sent.metrics.blocks_skipped, 2);
+  EXPECT_TRUE(SameSlots(*generation_, {22, 23}, *context_, {2, 3}));
+  EXPECT_TRUE(Untouched(*generation_, 20));
+  EXPECT_TRUE(Untouched(*generation_, 21));
+}
+
+TEST_F(TransceiverTest, ChunkedRequestCompletesWithTheLastSlice) {
+  const uint64_t rid = 19;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{30, 31, 32, 33}});
+  Fill(*context_, rid, {0, 1, 2, 3});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  receive.slices = {transfer::TokenRange::Create(0, 6).value(),
+                    transfer::TokenRange::Create(6, 16).value()};
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ContextRequest first{rid, 16, 0, transfer::TokenRange::Create(0, 6).value()};
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(first));
+  ContextRequest second{rid, 16, 1, transfer::TokenRange::Create(6, 16).value(), {5}};
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(second));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
+  EXPECT_THAT(got.aux_tokens, ElementsAre(5));
+  EXPECT_TRUE(SameSlots(*generation_, {30, 31, 32, 33}, *context_, {0, 1, 2, 3}));
+  // Chunk 1 resends only the block its first token completes (block 1) and after.
+  EXPECT_EQ(OneContext().metrics.blocks, 2 + 3);
+}
+
+TEST_F(TransceiverTest, CancelBeforeTheContextSideKnowsTheRequest) {
+  const uint64_t rid = 20;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{40, 41, 42, 43}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(generation_->transceiver->CancelRequest(rid));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kCancelled);
+  // The context engine's task comes later: it ends cancelled and writes nothing.
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  const RequestStatus sent = OneContext();
+  EXPECT_THAT(sent.state, ::testing::AnyOf(SessionState::kCancelled, SessionState::kError));
+  for (int64_t slot : {40, 41, 42, 43}) EXPECT_TRUE(Untouched(*generation_, slot));
+}
+
+TEST_F(TransceiverTest, ContextSideThatNeverComesTimesOutOnBothSides) {
+  const uint64_t rid = 21;
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  receive.timeout = absl::Milliseconds(300);
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kError);
+  EXPECT_THAT(got.error, StatusIs(absl::StatusCode::kDeadlineExceeded));
+}
+
+TEST_F(TransceiverTest, SidesAreTyped) {
+  std::unique_ptr<Rank> other = MakeRank("decode-2", Role::kGeneration, transfer::MakeTopology(1, {2}));
+  ASSERT_NE(other, nullptr);
+  EXPECT_THAT(other->transceiver->AddPeerInstance({generation_->transceiver->control_address()},
+                                                  In(absl::Seconds(10))),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(context_->transceiver->RequestAndReceiveAsync(GenerationRequest{}),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(generation_->transceiver->RespondAndSendAsync(ContextRequest{}),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+}  // namespace
+}  // namespace kvx::transceiver
