@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -9,7 +10,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "transfer/fragments.h"
+#include "transfer/internal/layer_coverage.h"
 #include "transfer/page_table.h"
 #include "transfer/slice.h"
 #include "transfer/topology.h"
@@ -36,8 +39,12 @@ absl::Status CheckModel(const ModelSpec& model) {
           " state_bytes_per_layer=", model.state_bytes_per_layer));
     }
   }
+  std::vector<absl::Span<const int64_t>> groups;
   for (size_t g = 0; g < model.groups.size(); ++g) {
     const std::vector<int64_t>& ids = model.groups[g].global_layer_ids;
+    if (ids.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("group holds no layer: group=", g));
+    }
     for (size_t i = 0; i < ids.size(); ++i) {
       if (ids[i] < 0 || ids[i] >= model.num_layers || (i > 0 && ids[i] <= ids[i - 1])) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -45,8 +52,9 @@ absl::Status CheckModel(const ModelSpec& model) {
             " layer=", ids[i], " num_layers=", model.num_layers));
       }
     }
+    groups.push_back(ids);
   }
-  return absl::OkStatus();
+  return transfer_internal::CheckLayerCoverage(0, model.num_layers, groups, state);
 }
 
 // Every list of a slice is a list of slot ids: one per model group, none negative.
@@ -71,14 +79,30 @@ absl::Status CheckSlice(const ModelSpec& model, const KVSlice& slice, const char
 }
 
 // Just enough slots for every id the instance's slice names (CheckSlice has
-// rejected negative ids) and its state slot.
-int64_t SlotsFor(const InstanceSpec& instance, const KVSlice& slice,
-                 std::optional<int64_t> state_slot) {
+// rejected negative ids) and its state slot. An id of 2^63-1 leaves no count.
+absl::StatusOr<int64_t> SlotsFor(const InstanceSpec& instance, const KVSlice& slice,
+                                 std::optional<int64_t> state_slot, const char* side,
+                                 int64_t request_id) {
   if (instance.num_slots > 0) return instance.num_slots;
+  constexpr int64_t kLargest = std::numeric_limits<int64_t>::max();
+  if (state_slot && *state_slot == kLargest) {
+    return absl::OutOfRangeError(
+        absl::StrCat(side, " state slot leaves no default slot count: request=", request_id,
+                     " state_slot=", *state_slot));
+  }
   int64_t slots = 1;
   if (state_slot) slots = std::max(slots, *state_slot + 1);
-  for (const BlockList& list : slice.block_ids_per_layer_group) {
-    for (int64_t id : list) slots = std::max(slots, id + 1);
+  const std::vector<BlockList>& lists = slice.block_ids_per_layer_group;
+  for (size_t g = 0; g < lists.size(); ++g) {
+    for (size_t i = 0; i < lists[g].size(); ++i) {
+      const int64_t id = lists[g][i];
+      if (id == kLargest) {
+        return absl::OutOfRangeError(
+            absl::StrCat(side, " block id leaves no default slot count: request=",
+                         request_id, " group=", g, " index=", i, " block=", id));
+      }
+      slots = std::max(slots, id + 1);
+    }
   }
   return slots;
 }
@@ -222,13 +246,19 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
   if (!pairings.ok()) return pairings.status();
 
   ScenarioPlan result;
-  absl::StatusOr<std::vector<RankPageTable>> context_tables = BuildInstance(
-      model, scenario.context,
-      SlotsFor(scenario.context, context_slice, request.context_state_slot));
+  absl::StatusOr<int64_t> context_slots =
+      SlotsFor(scenario.context, context_slice, request.context_state_slot, "context",
+               request.request_id);
+  if (!context_slots.ok()) return context_slots.status();
+  absl::StatusOr<int64_t> generation_slots =
+      SlotsFor(scenario.generation, generation_slice, request.generation_state_slot,
+               "generation", request.request_id);
+  if (!generation_slots.ok()) return generation_slots.status();
+  absl::StatusOr<std::vector<RankPageTable>> context_tables =
+      BuildInstance(model, scenario.context, *context_slots);
   if (!context_tables.ok()) return context_tables.status();
-  absl::StatusOr<std::vector<RankPageTable>> generation_tables = BuildInstance(
-      model, scenario.generation,
-      SlotsFor(scenario.generation, generation_slice, request.generation_state_slot));
+  absl::StatusOr<std::vector<RankPageTable>> generation_tables =
+      BuildInstance(model, scenario.generation, *generation_slots);
   if (!generation_tables.ok()) return generation_tables.status();
   result.context_tables = *std::move(context_tables);
   result.generation_tables = *std::move(generation_tables);

@@ -58,7 +58,8 @@ struct GroupSpec {
   std::vector<int64_t> global_layer_ids;  // strictly increasing
 };
 
-// The model as both instances hold it.
+// The model as both instances hold it. Every layer is in exactly one group, except
+// state layers, which may be in none; no group is empty.
 struct ModelSpec {
   int64_t num_layers = 0;
   int64_t num_kv_heads = 0;

@@ -1,6 +1,7 @@
 #include "transfer/scenario.h"
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 namespace kvx::transfer {
 namespace {
 
+using ::kvx::testing::IsOk;
 using ::kvx::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -157,6 +159,62 @@ TEST(PlanScenario, DerivesSlotsFromTheLargestBlockId) {
   s.request.context_state_slot = 20;
   ASSERT_OK_AND_ASSIGN(plan, PlanScenario(s, src, dst));
   EXPECT_EQ(plan.context_tables[0].pools[0].num_slots, 21);
+}
+
+// Regression: issue 8, semantics gap 2. A layer in no group was never transferred,
+// a layer in two groups was accepted (and "2,000 groups that all name layer 0"
+// multiplied every rank's page table).
+TEST(PlanScenario, EveryLayerIsInExactlyOneGroup) {
+  struct Case {
+    const char* name;
+    std::vector<GroupSpec> groups;
+    std::vector<int64_t> state_layers;
+    std::string error;  // empty: accepted
+  };
+  const Case cases[] = {
+      {"partition", {{std::nullopt, {0, 2}}, {16, {1, 3}}}, {}, ""},
+      {"layer in two groups", {{std::nullopt, {0, 1, 2, 3}}, {16, {0}}}, {},
+       "layer in two attention groups: layer=0 group=0 other_group=1"},
+      {"layer in no group", {{std::nullopt, {0, 1, 3}}}, {},
+       "layer in no attention group and not a state layer: layer=2 first=0 end=4"},
+      {"state layer in no group", {{std::nullopt, {0, 1, 3}}}, {2}, ""},
+      {"state layer in a group too", {{std::nullopt, {0, 1, 2, 3}}}, {2}, ""},
+      {"empty group", {{std::nullopt, {0, 1, 2, 3}}, {16, {}}}, {},
+       "group holds no layer: group=1"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Scenario s = Llama70B(MakeTopology(1, {4}), MakeTopology(1, {2, 2}), 64);
+    s.model.num_layers = 4;
+    s.model.groups = c.groups;
+    s.model.state_layer_ids = c.state_layers;
+    s.model.state_bytes_per_layer = 16;
+    KVSlice slice = IdentitySuffix(64, 32);
+    slice.block_ids_per_layer_group.assign(c.groups.size(), {0, 1});
+    const absl::StatusOr<ScenarioPlan> plan = PlanScenario(s, slice, slice);
+    if (c.error.empty()) {
+      EXPECT_THAT(plan, IsOk());
+    } else {
+      EXPECT_THAT(plan, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.error)));
+    }
+  }
+}
+
+// Regression: issue 8, finding 4. The default slot count is the largest id + 1,
+// which for id 2^63-1 was signed overflow (and a wrong count in -c opt).
+TEST(PlanScenario, LargestBlockIdLeavesNoRoomForADefaultSlotCount) {
+  Scenario s = Llama70B(MakeTopology(1, {80}), MakeTopology(1, {80}), 64);
+  KVSlice src = IdentitySuffix(64, 32);
+  src.block_ids_per_layer_group = {{0, std::numeric_limits<int64_t>::max()}};
+  EXPECT_THAT(PlanScenario(s, src, IdentitySuffix(64, 32)),
+              StatusIs(absl::StatusCode::kOutOfRange,
+                       HasSubstr("context block id leaves no default slot count: request=0 "
+                                 "group=0 index=1 block=9223372036854775807")));
+  // A large id with room for its slot count is the page table's to refuse.
+  src.block_ids_per_layer_group = {{0, std::numeric_limits<int64_t>::max() - 1}};
+  EXPECT_THAT(PlanScenario(s, src, IdentitySuffix(64, 32)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("does not fit 64-bit addresses")));
 }
 
 }  // namespace
