@@ -107,6 +107,74 @@ absl::StatusOr<int64_t> SlotsFor(const InstanceSpec& instance, const KVSlice& sl
   return slots;
 }
 
+// Bounds are checked in saturating arithmetic: past int64 is as over as any.
+int64_t SaturatingMul(int64_t a, int64_t b) {
+  int64_t product = 0;
+  return __builtin_mul_overflow(a, b, &product) ? std::numeric_limits<int64_t>::max()
+                                                : product;
+}
+int64_t SaturatingAdd(int64_t a, int64_t b) {
+  int64_t sum = 0;
+  return __builtin_add_overflow(a, b, &sum) ? std::numeric_limits<int64_t>::max() : sum;
+}
+
+int64_t Ranks(const Topology& topology) { return topology.tp_size * topology.pp_size; }
+
+// The layout entries of one instance's page tables (ScenarioLimits), before they
+// are built: each rank one per group and PP stage, each layer (and state layer)
+// once per TP rank. REQUIRES: a valid topology.
+int64_t InstanceEntries(const ModelSpec& model, const Topology& topology) {
+  const int64_t per_rank = SaturatingAdd(static_cast<int64_t>(model.groups.size()),
+                                         topology.pp_size);
+  const int64_t layers =
+      SaturatingAdd(model.num_layers, static_cast<int64_t>(model.state_layer_ids.size()));
+  return SaturatingAdd(SaturatingMul(Ranks(topology), per_rank),
+                       SaturatingMul(topology.tp_size, layers));
+}
+
+// The same count for one built table: what planning a rank pair reads.
+int64_t TableEntries(const RankPageTable& table) {
+  int64_t entries = static_cast<int64_t>(table.attention_groups.size() +
+                                         table.topology.layers_per_pp_rank.size());
+  for (const AttentionGroup& group : table.attention_groups) {
+    entries += static_cast<int64_t>(group.global_layer_ids.size());
+  }
+  for (const StateGroup& group : table.state_groups) {
+    entries += static_cast<int64_t>(group.global_layer_ids.size());
+  }
+  return entries;
+}
+
+// Checks both instances' sizes against `limits` before any table is built.
+absl::Status CheckInstanceBounds(const Scenario& scenario) {
+  const ScenarioLimits& limits = scenario.limits;
+  for (const Topology* t : {&scenario.context.topology, &scenario.generation.topology}) {
+    Topology first_rank = *t;
+    first_rank.tp_rank = 0;
+    first_rank.pp_rank = 0;
+    if (absl::Status s = ValidateTopology(first_rank); !s.ok()) return s;
+  }
+  const Topology& c = scenario.context.topology;
+  const Topology& g = scenario.generation.topology;
+  const int64_t entries = SaturatingAdd(InstanceEntries(scenario.model, c),
+                                        InstanceEntries(scenario.model, g));
+  if (entries > limits.max_layout_entries) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "scenario page tables exceed the layout bound: layout_entries=", entries,
+        " max_layout_entries=", limits.max_layout_entries, " context_ranks=", Ranks(c),
+        " generation_ranks=", Ranks(g), " groups=", scenario.model.groups.size(),
+        " num_layers=", scenario.model.num_layers));
+  }
+  const int64_t rank_pairs = Ranks(c) * Ranks(g);  // each <= kMaxInstanceRanks
+  if (rank_pairs > limits.max_rank_pairs) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "scenario examines too many rank pairs: rank_pairs=", rank_pairs,
+        " max_rank_pairs=", limits.max_rank_pairs, " context_ranks=", Ranks(c),
+        " generation_ranks=", Ranks(g)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<RankPageTable>> BuildInstance(const ModelSpec& model,
                                                          const InstanceSpec& instance,
                                                          int64_t num_slots) {
@@ -245,6 +313,14 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
       PairSliceBlocks(context_slice, generation_slice, options);
   if (!pairings.ok()) return pairings.status();
 
+  if (absl::Status s = CheckInstanceBounds(scenario); !s.ok()) return s;
+  const ScenarioLimits& limits = scenario.limits;
+  if (scenario.max_fragments_listed && *scenario.max_fragments_listed < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_fragments_listed must not be negative: max_fragments_listed=",
+                     *scenario.max_fragments_listed));
+  }
+
   ScenarioPlan result;
   absl::StatusOr<int64_t> context_slots =
       SlotsFor(scenario.context, context_slice, request.context_state_slot, "context",
@@ -269,14 +345,28 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
   context.request_id = request.request_id;
   context.src_state_slot = request.context_state_slot;
   context.dst_state_slot = request.generation_state_slot;
+  // What the tables took; each planned pair adds what its planner reads.
+  int64_t entries = 0;
+  for (const auto* tables : {&result.context_tables, &result.generation_tables}) {
+    for (const RankPageTable& table : *tables) entries += TableEntries(table);
+  }
+  int64_t fragments_held = 0;
   for (size_t c = 0; c < result.context_tables.size(); ++c) {
     const RankPageTable& sender = result.context_tables[c];
     absl::StatusOr<std::vector<PeerLink>> links = ComputePeerOverlap(
         sender.topology, scenario.generation.topology, heads, Direction::kSend, dp);
     if (!links.ok()) return links.status();
     for (const PeerLink& link : *links) {
-      absl::StatusOr<FragmentPlanner> planner =
-          FragmentPlanner::Create(sender, result.generation_tables[link.peer_rank]);
+      const RankPageTable& receiver = result.generation_tables[link.peer_rank];
+      entries = SaturatingAdd(entries, TableEntries(sender) + TableEntries(receiver));
+      if (entries > limits.max_layout_entries) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "scenario rank pairs exceed the layout bound: layout_entries=", entries,
+            " max_layout_entries=", limits.max_layout_entries,
+            " pairs_planned=", result.pairs.size(), " context_rank=", c,
+            " generation_rank=", link.peer_rank));
+      }
+      absl::StatusOr<FragmentPlanner> planner = FragmentPlanner::Create(sender, receiver);
       if (!planner.ok()) {
         return absl::Status(planner.status().code(),
                             absl::StrCat(planner.status().message(), " context_rank=", c,
@@ -289,14 +379,50 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
       for (size_t g = 0; g < model.groups.size(); ++g) {
         pair.group_kinds.push_back(planner->group_kind(g));
       }
-      if (absl::Status s = planner->PlanInto(*pairings, context, &pair.plan); !s.ok()) {
-        return absl::Status(s.code(), absl::StrCat(s.message(), " context_rank=", c,
-                                                   " generation_rank=", link.peer_rank));
+      // Count first: a list past the bound is refused before any of it is held.
+      absl::StatusOr<PlanCounts> counts = planner->Count(*pairings, context, 0, nullptr);
+      if (!counts.ok()) {
+        return absl::Status(counts.status().code(),
+                            absl::StrCat(counts.status().message(), " context_rank=", c,
+                                         " generation_rank=", link.peer_rank));
       }
-      result.fragments_before_coalescing += pair.plan.fragments_before_coalescing;
-      result.fragments_after_coalescing +=
-          static_cast<int64_t>(pair.plan.fragments.size());
-      result.total_bytes += pair.plan.total_bytes;
+      const int64_t listed = std::min(
+          scenario.max_fragments_listed.value_or(std::numeric_limits<int64_t>::max()),
+          counts->fragments_after_coalescing);
+      if (listed > limits.max_fragments_held - fragments_held) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "scenario plan would hold too many fragments: fragments_held=",
+            SaturatingAdd(fragments_held, listed),
+            " max_fragments_held=", limits.max_fragments_held, " context_rank=", c,
+            " generation_rank=", link.peer_rank,
+            " (list fewer per pair with max_fragments_listed)"));
+      }
+      if (listed > 0) {
+        // Cannot fail: the same pairs were just counted.
+        if (absl::Status s = planner->Count(*pairings, context, static_cast<size_t>(listed),
+                                            &pair.plan.fragments)
+                                 .status();
+            !s.ok()) {
+          return s;
+        }
+      }
+      fragments_held += listed;
+      pair.plan.fragments_before_coalescing = counts->fragments_before_coalescing;
+      pair.plan.total_bytes = counts->total_bytes;
+      pair.fragments_after_coalescing = counts->fragments_after_coalescing;
+      if (__builtin_add_overflow(result.fragments_before_coalescing,
+                                 counts->fragments_before_coalescing,
+                                 &result.fragments_before_coalescing) ||
+          __builtin_add_overflow(result.fragments_after_coalescing,
+                                 counts->fragments_after_coalescing,
+                                 &result.fragments_after_coalescing) ||
+          __builtin_add_overflow(result.total_bytes, counts->total_bytes,
+                                 &result.total_bytes)) {
+        return absl::OutOfRangeError(absl::StrCat(
+            "scenario totals overflow 64 bits: request=", request.request_id,
+            " context_rank=", c, " generation_rank=", link.peer_rank,
+            " total_bytes=", result.total_bytes, " pair_bytes=", counts->total_bytes));
+      }
       result.pairs.push_back(std::move(pair));
     }
   }

@@ -108,11 +108,32 @@ struct ScenarioRequest {
   std::optional<int64_t> generation_state_slot;
 };
 
+// What one PlanScenario call may build, checked before it builds it: a scenario
+// past a bound is refused with ResourceExhausted naming the bound and the numbers,
+// never half-built in memory. The defaults hold one call to a few hundred MiB and
+// about a second, far past any deployment (TP8 x PP8 to TP8 x PP8 of an 80-layer
+// model is about 20k layout entries and 8k rank pairs).
+struct ScenarioLimits {
+  // Page-table entries: each rank of either instance counts one per model group
+  // and PP stage and one per layer (and state layer) it holds; each planned rank
+  // pair counts again the entries of both its ranks' tables (what its planner reads).
+  int64_t max_layout_entries = int64_t{1} << 21;
+  // context ranks x generation ranks, each pair examined for overlap.
+  int64_t max_rank_pairs = int64_t{1} << 22;
+  // Fragments held in the RankPairPlan lists, over all pairs (40 bytes each).
+  int64_t max_fragments_held = int64_t{1} << 22;
+};
+
 struct Scenario {
   ModelSpec model;
   InstanceSpec context;
   InstanceSpec generation;
   ScenarioRequest request;
+  // Fragments each rank pair keeps in RankPairPlan::plan.fragments: the first ones of
+  // its plan; the counts and bytes always cover the whole plan, computed without
+  // building the rest (FragmentPlanner::Count). nullopt: every fragment. 0: counts only.
+  std::optional<int64_t> max_fragments_listed;
+  ScenarioLimits limits;
 };
 
 // The plan of one overlapping (context rank, generation rank) pair.
@@ -121,7 +142,10 @@ struct RankPairPlan {
   int64_t generation_rank = 0;
   bool writes = false;                  // false: a replica's empty write, still reported
   std::vector<MapperKind> group_kinds;  // per attention group
+  // plan.fragments: every fragment, or the first Scenario::max_fragments_listed;
+  // plan.fragments_before_coalescing and plan.total_bytes cover the whole plan.
   FragmentPlan plan;
+  int64_t fragments_after_coalescing = 0;  // of the whole plan, listed or not
 };
 
 struct ScenarioPlan {
@@ -137,11 +161,13 @@ struct ScenarioPlan {
 // side sends, `generation_slice` the generation side's request data (its suffix
 // lists, shorter by its cached prefix), both with one list per model group, as
 // cache_reuse::BuildSlice builds them (SEMANTICS.md section 4).
-// Errors: InvalidArgument for a malformed model, a slice whose group count differs
-// from the model's or that holds a negative block id (naming side, group and
-// index); those of BuildStandardPageTable, PairSliceBlocks, FragmentPlanner and
-// ComputePeerOverlap, with the rank pair named (a block id past an explicit
-// num_slots is OutOfRange).
+// Errors: InvalidArgument for a malformed model (a layer in no group or two), a
+// slice whose group count differs from the model's or that holds a negative block
+// id (naming side, group and index); ResourceExhausted for a scenario past one of
+// scenario.limits; OutOfRange for a block id of 2^63-1 with a default slot count
+// and for totals past 64 bits; those of BuildStandardPageTable, PairSliceBlocks,
+// FragmentPlanner and ComputePeerOverlap, with the rank pair named (a block id past
+// an explicit num_slots is OutOfRange).
 ABSL_MUST_USE_RESULT absl::StatusOr<ScenarioPlan> PlanScenario(
     const Scenario& scenario, const KVSlice& context_slice,
     const KVSlice& generation_slice);
