@@ -219,8 +219,9 @@ TEST(PlanScenario, LargestBlockIdLeavesNoRoomForADefaultSlotCount) {
 
 // Regression: issue 8, finding 3. Inputs whose every field is in bounds but whose
 // product is not: 65536 layers x 256k one-token blocks, TP4 -> TP8, is 3.4e10
-// fragments per rank pair (the reviewers' 1M blocks: 1.4e11). Holding them is refused before anything is built; with
-// max_fragments_listed 0 the counts come without the list.
+// fragments per rank pair (the reviewers' 1M blocks: 1.4e11). Holding them is
+// refused before anything is built; with max_fragments_listed 0 the counts come
+// without the list.
 TEST(PlanScenario, CountsAHugePlanWithoutHoldingIt) {
   constexpr int64_t kLayers = 65536;
   constexpr int64_t kBlocks = int64_t{1} << 18;
