@@ -166,11 +166,11 @@ absl::Status CheckInstanceBounds(const Scenario& scenario) {
         " num_layers=", scenario.model.num_layers));
   }
   const int64_t rank_pairs = Ranks(c) * Ranks(g);  // each <= kMaxInstanceRanks
-  if (rank_pairs > limits.max_rank_pairs) {
+  if (rank_pairs > limits.max_rank_pairs_examined) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "scenario examines too many rank pairs: rank_pairs=", rank_pairs,
-        " max_rank_pairs=", limits.max_rank_pairs, " context_ranks=", Ranks(c),
-        " generation_ranks=", Ranks(g)));
+        " max_rank_pairs_examined=", limits.max_rank_pairs_examined,
+        " context_ranks=", Ranks(c), " generation_ranks=", Ranks(g)));
   }
   return absl::OkStatus();
 }
@@ -358,6 +358,12 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
     if (!links.ok()) return links.status();
     for (const PeerLink& link : *links) {
       const RankPageTable& receiver = result.generation_tables[link.peer_rank];
+      if (static_cast<int64_t>(result.pairs.size()) >= limits.max_rank_pairs_planned) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "scenario plans too many rank pairs: max_rank_pairs_planned=",
+            limits.max_rank_pairs_planned, " context_rank=", c,
+            " generation_rank=", link.peer_rank));
+      }
       entries = SaturatingAdd(entries, TableEntries(sender) + TableEntries(receiver));
       if (entries > limits.max_layout_entries) {
         return absl::ResourceExhaustedError(absl::StrCat(
@@ -379,32 +385,27 @@ absl::StatusOr<ScenarioPlan> PlanScenario(const Scenario& scenario,
       for (size_t g = 0; g < model.groups.size(); ++g) {
         pair.group_kinds.push_back(planner->group_kind(g));
       }
-      // Count first: a list past the bound is refused before any of it is held.
-      absl::StatusOr<PlanCounts> counts = planner->Count(*pairings, context, 0, nullptr);
+      // List what was asked for, but at most one past what the bound leaves: an
+      // over-long list is seen, and refused, holding no more than the bound.
+      const int64_t room = limits.max_fragments_held - fragments_held;
+      const int64_t wanted =
+          scenario.max_fragments_listed.value_or(std::numeric_limits<int64_t>::max());
+      absl::StatusOr<PlanCounts> counts = planner->Count(
+          *pairings, context, static_cast<size_t>(std::min(wanted, SaturatingAdd(room, 1))),
+          &pair.plan.fragments);
       if (!counts.ok()) {
         return absl::Status(counts.status().code(),
                             absl::StrCat(counts.status().message(), " context_rank=", c,
                                          " generation_rank=", link.peer_rank));
       }
-      const int64_t listed = std::min(
-          scenario.max_fragments_listed.value_or(std::numeric_limits<int64_t>::max()),
-          counts->fragments_after_coalescing);
-      if (listed > limits.max_fragments_held - fragments_held) {
+      const int64_t listed = std::min(wanted, counts->fragments_after_coalescing);
+      if (listed > room) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "scenario plan would hold too many fragments: fragments_held=",
             SaturatingAdd(fragments_held, listed),
             " max_fragments_held=", limits.max_fragments_held, " context_rank=", c,
             " generation_rank=", link.peer_rank,
             " (list fewer per pair with max_fragments_listed)"));
-      }
-      if (listed > 0) {
-        // Cannot fail: the same pairs were just counted.
-        if (absl::Status s = planner->Count(*pairings, context, static_cast<size_t>(listed),
-                                            &pair.plan.fragments)
-                                 .status();
-            !s.ok()) {
-          return s;
-        }
       }
       fragments_held += listed;
       pair.plan.fragments_before_coalescing = counts->fragments_before_coalescing;

@@ -119,7 +119,9 @@ struct ScenarioLimits {
   // pair counts again the entries of both its ranks' tables (what its planner reads).
   int64_t max_layout_entries = int64_t{1} << 21;
   // context ranks x generation ranks, each pair examined for overlap.
-  int64_t max_rank_pairs = int64_t{1} << 22;
+  int64_t max_rank_pairs_examined = int64_t{1} << 22;
+  // Overlapping rank pairs planned, each a RankPairPlan.
+  int64_t max_rank_pairs_planned = int64_t{1} << 20;
   // Fragments held in the RankPairPlan lists, over all pairs (40 bytes each).
   int64_t max_fragments_held = int64_t{1} << 22;
 };

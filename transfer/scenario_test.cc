@@ -269,9 +269,17 @@ TEST(PlanScenario, RefusesInstancesPastItsLimitsBeforeBuildingThem) {
   s.generation.topology = MakeTopology(4096, {16});
   EXPECT_THAT(PlanIdentity(s),
               StatusIs(absl::StatusCode::kResourceExhausted,
-                       HasSubstr("rank_pairs=8388608 max_rank_pairs=4194304")));
-  // Rank pairs whose planners would read more than the bound.
+                       HasSubstr("rank_pairs=8388608 max_rank_pairs_examined=4194304")));
+  // More overlapping pairs than may be planned: TP1 -> TP4096, one head each.
   s.context.topology = MakeTopology(1, {16});
+  s.limits.max_rank_pairs_planned = 4095;
+  EXPECT_THAT(PlanIdentity(s),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("scenario plans too many rank pairs: "
+                                 "max_rank_pairs_planned=4095 context_rank=0 "
+                                 "generation_rank=4095")));
+  // Rank pairs whose planners would read more than the bound.
+  s.limits.max_rank_pairs_planned = ScenarioLimits().max_rank_pairs_planned;
   s.limits.max_layout_entries = 4096 * 19 + 17 + 100;
   EXPECT_THAT(PlanIdentity(s),
               StatusIs(absl::StatusCode::kResourceExhausted,
