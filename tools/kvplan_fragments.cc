@@ -37,9 +37,12 @@ using cache_reuse::Side;
 constexpr int64_t kMaxLayers = int64_t{1} << 16;
 constexpr int64_t kMaxTpSize = 4096;
 // A side without block tables gets identity tables: groups x cdiv(end, tpb) ids.
-constexpr int64_t kMaxIdentityIds = int64_t{1} << 20;
+constexpr int64_t kMaxIdentityIds = int64_t{1} << 19;
 // Fragments listed over all pairs (each one an object in the output).
 constexpr int64_t kMaxFragmentsListed = int64_t{1} << 17;
+// Rank pairs planned (each an object in the output); the planner's other bounds
+// (transfer::ScenarioLimits) keep their defaults.
+constexpr int64_t kMaxRankPairs = int64_t{1} << 16;
 
 constexpr char kUsage[] = R"(
   fragments The byte ranges one request moves between every (context rank,
@@ -83,9 +86,11 @@ constexpr char kUsage[] = R"(
             (counts and bytes still cover all, counted without building the
             list; 0: counts only); absent: every fragment.
             Bounds: num_layers <= 65536, tp <= 4096, tp x stages <= 65536,
-            identity tables <= 2^20 ids over the groups, fragments listed <= 2^17
-            over all pairs, and the planner's (transfer::ScenarioLimits): 2^21
-            page-table entries, 2^22 rank pairs examined.
+            identity tables <= 2^19 ids over the groups, fragments listed <= 2^17
+            over all pairs, rank pairs planned <= 2^16, and the planner's
+            (transfer::ScenarioLimits): 2^21 layout entries (each rank counts its
+            groups, PP stages and layers, each rank pair both its ranks' counts),
+            2^22 rank pairs examined.
 )";
 
 // Strictly increasing layer ids in [0, num_layers).
@@ -364,8 +369,9 @@ absl::StatusOr<ordered_json> Fragments(const json& input) {
   scenario.request.context_dp_rank = context->dp_rank;
   scenario.request.generation_dp_rank = generation->dp_rank;
   scenario.max_fragments_listed = *max_listed;
-  // Each listed fragment becomes an object of the output.
+  // Each listed fragment and each rank pair becomes an object of the output.
   scenario.limits.max_fragments_held = kMaxFragmentsListed;
+  scenario.limits.max_rank_pairs_planned = kMaxRankPairs;
   absl::StatusOr<transfer::ScenarioPlan> plan =
       transfer::PlanScenario(scenario, src->slice, dst->slice);
   if (!plan.ok()) return plan.status();

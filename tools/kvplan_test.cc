@@ -784,7 +784,7 @@ TEST(KvplanHostile, FragmentsBoundsItsWorkAndCountsWithoutListing) {
   identity["model"]["tokens_per_block"] = 1;
   EXPECT_THAT(RunCommand("fragments", identity.dump()),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("would hold 65536 blocks x 64 groups (max 1048576 ids)")));
+                       HasSubstr("would hold 65536 blocks x 64 groups (max 524288 ids)")));
 }
 
 // Regression: issue 8, finding 4. A block id of 2^63-1 overflowed deriving the
