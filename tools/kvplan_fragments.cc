@@ -289,12 +289,7 @@ absl::StatusOr<FragmentsSide> ParseFragmentsSide(const Fields& top, absl::string
   SliceInput& input = out.slice;
   input.shared = shared;
   input.side = side;
-  absl::StatusOr<bool> generation_only = fields->OptionalBool("generation_only", true);
-  if (!generation_only.ok()) return generation_only.status();
-  input.generation_only = *generation_only;
-  absl::StatusOr<ReuseInput> reuse = ParseReuse(*fields);
-  if (!reuse.ok()) return reuse.status();
-  input.reuse = *reuse;
+  if (absl::Status s = ParseCacheAnswers(*fields, &input); !s.ok()) return s;
   for (const transfer::GroupSpec& group : model.groups) {
     input.groups.push_back(group.window ? LayerGroupSpec::Windowed(*group.window)
                                         : LayerGroupSpec::Full());

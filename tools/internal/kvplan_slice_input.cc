@@ -73,23 +73,7 @@ class JsonPagedManager final : public cache_reuse::PagedCacheManager {
   const std::optional<int64_t> committed_;
 };
 
-}  // namespace
-
-absl::StatusOr<Shared> ParseShared(const Fields& fields) {
-  absl::StatusOr<int64_t> tpb = fields.Tokens("tokens_per_block", 1);
-  if (!tpb.ok()) return tpb.status();
-  absl::StatusOr<int64_t> prompt_len = fields.Tokens("prompt_len", 0);
-  if (!prompt_len.ok()) return prompt_len.status();
-  absl::StatusOr<std::optional<transfer::TokenRange>> range =
-      OptionalTokenRange(fields, *prompt_len);
-  if (!range.ok()) return range.status();
-  return Shared{*tpb, *prompt_len, *range};
-}
-
-int64_t SliceEnd(const Shared& shared) {
-  return shared.token_range ? shared.token_range->end() : shared.prompt_len;
-}
-
+// "reuse" of a side: which adapter, whether enabled, and its count.
 absl::StatusOr<ReuseInput> ParseReuse(const Fields& side) {
   ReuseInput reuse;
   const json* value = side.Optional("reuse");
@@ -126,6 +110,33 @@ absl::StatusOr<ReuseInput> ParseReuse(const Fields& side) {
     reuse.num_committed_tokens = *n;
   }
   return reuse;
+}
+
+}  // namespace
+
+absl::StatusOr<Shared> ParseShared(const Fields& fields) {
+  absl::StatusOr<int64_t> tpb = fields.Tokens("tokens_per_block", 1);
+  if (!tpb.ok()) return tpb.status();
+  absl::StatusOr<int64_t> prompt_len = fields.Tokens("prompt_len", 0);
+  if (!prompt_len.ok()) return prompt_len.status();
+  absl::StatusOr<std::optional<transfer::TokenRange>> range =
+      OptionalTokenRange(fields, *prompt_len);
+  if (!range.ok()) return range.status();
+  return Shared{*tpb, *prompt_len, *range};
+}
+
+int64_t SliceEnd(const Shared& shared) {
+  return shared.token_range ? shared.token_range->end() : shared.prompt_len;
+}
+
+absl::Status ParseCacheAnswers(const Fields& side, SliceInput* input) {
+  absl::StatusOr<bool> generation_only = side.OptionalBool("generation_only", true);
+  if (!generation_only.ok()) return generation_only.status();
+  input->generation_only = *generation_only;
+  absl::StatusOr<ReuseInput> reuse = ParseReuse(side);
+  if (!reuse.ok()) return reuse.status();
+  input->reuse = *reuse;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<LayerGroupSpec>> ParseGroups(const Fields& side,
@@ -217,12 +228,7 @@ absl::StatusOr<SliceInput> ParseSliceInput(const json& value, const std::string&
       if (!side.ok()) return side.status();
     }
   }
-  absl::StatusOr<bool> generation_only = fields->OptionalBool("generation_only", true);
-  if (!generation_only.ok()) return generation_only.status();
-  input.generation_only = *generation_only;
-  absl::StatusOr<ReuseInput> reuse = ParseReuse(*fields);
-  if (!reuse.ok()) return reuse.status();
-  input.reuse = *reuse;
+  if (absl::Status s = ParseCacheAnswers(*fields, &input); !s.ok()) return s;
   absl::StatusOr<std::vector<LayerGroupSpec>> groups = ParseGroups(*fields, &input.tables);
   if (!groups.ok()) return groups.status();
   input.groups = *std::move(groups);

@@ -47,7 +47,6 @@ struct ReuseInput {
   int64_t prepopulated_prompt_len = 0;          // V1
   std::optional<int64_t> num_committed_tokens;  // V2; nullopt: unknown request
 };
-absl::StatusOr<ReuseInput> ParseReuse(const Fields& side);
 
 // One side's slice input, validated.
 struct SliceInput {
@@ -59,6 +58,9 @@ struct SliceInput {
   std::vector<transfer::BlockList> tables;  // positional, one per group (empty: Mamba)
   std::optional<int64_t> dst_start_token;   // transfer's generation side only
 };
+
+// A side's cache answers: `generation_only` (default true) and `reuse`, into `input`.
+absl::Status ParseCacheAnswers(const Fields& side, SliceInput* input);
 
 // `groups` of a side: positional tables ({"window"?, "block_ids"}) or
 // {"kind": "mamba"}; fills `tables`, one per group.
