@@ -37,13 +37,13 @@ input it exits 1 with one line on stderr naming the offending field (printable
 ASCII, at most 1 KiB; input text in it is escaped and cut) and prints nothing on
 stdout. kvplan takes no flags: any other argument that starts with "-" is
 rejected ("--" ends the options, "-" is stdin).
-Input: at most 16 MiB, no NUL byte, nesting at most 32 deep. Unknown fields and
-fields given twice are rejected (a typo never becomes a default); an optional
-field given as null counts as absent. Integers only (no 8.0, no "8"); token
-counts and positions are 0 <= n <= 2^53-1, tokens_per_block >= 1, block ids
-0 <= id <= 2^53-1 (-1: not held, in positional tables), num_slots <= 2^53.
-token_range is [start, end] with 0 <= start < end; in slice and transfer also
-end <= prompt_len. Semantics: SEMANTICS.md sections 2-6.
+Input: at most 16 MiB, no NUL byte, nesting at most 32 deep, at most 65536 layer
+groups in a list. Unknown fields and fields given twice are rejected (a typo
+never becomes a default); an optional field given as null counts as absent.
+Integers only (no 8.0, no "8"); token counts and positions are 0 <= n <= 2^53-1,
+tokens_per_block >= 1, block ids 0 <= id <= 2^53-1 (-1: not held, in positional
+tables), num_slots <= 2^53. token_range is [start, end] with 0 <= start < end; in
+slice and transfer also end <= prompt_len. Semantics: SEMANTICS.md sections 2-6.
 
 Commands:
 )";

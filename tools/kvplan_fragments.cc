@@ -140,10 +140,8 @@ absl::StatusOr<transfer::ModelSpec> ParseModel(const json& value) {
     return model;
   }
   const std::string name = fields->Name("groups");
-  if (!groups->is_array() || groups->empty()) {
-    return FieldError(name, absl::StrCat("must be a non-empty array of layer groups, got ",
-                                         Describe(*groups)));
-  }
+  if (absl::Status s = CheckGroupArray(*groups, name, "layer groups"); !s.ok()) return s;
+  if (groups->empty()) return FieldError(name, "must list at least one layer group");
   for (size_t g = 0; g < groups->size(); ++g) {
     const std::string path = absl::StrCat(name, "[", g, "]");
     absl::StatusOr<Fields> group = Fields::Open((*groups)[g], path, {"window", "layers"});

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "tools/internal/kvplan_command.h"
@@ -51,9 +52,9 @@ absl::StatusOr<ordered_json> Pair(const json& input) {
 
   absl::StatusOr<const json*> windows_json = fields->Required("windows");
   if (!windows_json.ok()) return windows_json.status();
-  if (!(*windows_json)->is_array()) {
-    return FieldError("windows", absl::StrCat("must be an array of null or windows, got ",
-                                              Describe(**windows_json)));
+  if (absl::Status s = CheckGroupArray(**windows_json, "windows", "null or windows");
+      !s.ok()) {
+    return s;
   }
   std::vector<std::optional<int64_t>> windows;
   for (size_t g = 0; g < (*windows_json)->size(); ++g) {

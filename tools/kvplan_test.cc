@@ -7,6 +7,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -785,6 +786,32 @@ TEST(KvplanHostile, FragmentsBoundsItsWorkAndCountsWithoutListing) {
   EXPECT_THAT(RunCommand("fragments", identity.dump()),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("would hold 65536 blocks x 64 groups (max 524288 ids)")));
+}
+
+// Every group is several objects of the output: a 12 MB input of 350k Mamba
+// groups per side made `transfer` hold 820 MB. Group lists are bounded.
+TEST(KvplanHostile, GroupListsAreBounded) {
+  const std::string many = absl::StrCat(
+      "[", absl::StrJoin(std::vector<std::string>(65537, "{\"kind\": \"mamba\"}"), ","), "]");
+  EXPECT_THAT(RunCommand("slice", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                   "side": "context", "groups": )",
+                                               many, "}")),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("groups: must be an array of at most 65536 layer groups, got "
+                                 "65537 of them")));
+  const std::string nulls =
+      absl::StrCat("[", absl::StrJoin(std::vector<std::string>(65537, "null"), ","), "]");
+  EXPECT_THAT(RunCommand("pair", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                  "src": [], "dst": [], "windows": )",
+                                              nulls, "}")),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("windows: must be an array of at most 65536 null or windows")));
+  const std::string exactly = absl::StrCat(
+      "[", absl::StrJoin(std::vector<std::string>(65536, "{\"kind\": \"mamba\"}"), ","), "]");
+  EXPECT_THAT(RunCommand("slice", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                   "side": "context", "groups": )",
+                                               exactly, "}")),
+              IsOk());
 }
 
 // Regression: issue 8, finding 4. A block id of 2^63-1 overflowed deriving the

@@ -244,12 +244,18 @@ absl::StatusOr<transfer::BlockList> AsBlockList(const json& value, absl::string_
   return ids;
 }
 
+absl::Status CheckGroupArray(const json& value, absl::string_view field,
+                             absl::string_view what) {
+  if (value.is_array() && value.size() <= kMaxGroups) return absl::OkStatus();
+  return FieldError(field, absl::StrCat("must be an array of at most ", kMaxGroups, " ", what,
+                                        ", got ",
+                                        value.is_array() ? absl::StrCat(value.size(), " of them")
+                                                         : Describe(value)));
+}
+
 absl::StatusOr<std::vector<transfer::BlockList>> AsGroupLists(const json& value,
                                                               absl::string_view field) {
-  if (!value.is_array()) {
-    return FieldError(field,
-                      absl::StrCat("must be an array of block lists, got ", Describe(value)));
-  }
+  if (absl::Status s = CheckGroupArray(value, field, "block lists"); !s.ok()) return s;
   std::vector<transfer::BlockList> lists;
   for (size_t g = 0; g < value.size(); ++g) {
     absl::StatusOr<transfer::BlockList> list =

@@ -51,6 +51,9 @@ inline constexpr int64_t kMaxTokens = (int64_t{1} << 53) - 1;
 // and survives a JSON reader that holds numbers as doubles; num_slots <= 2^53.
 inline constexpr int64_t kMaxBlockId = kMaxTokens;
 inline constexpr int64_t kMaxSlots = kMaxBlockId + 1;
+// Layer groups of one list (each becomes objects of the output): as many as
+// `fragments` allows layers, and far past any model.
+inline constexpr size_t kMaxGroups = 65536;
 // An echoed piece of input (a key, a string value) keeps at most this many bytes.
 inline constexpr size_t kMaxEchoBytes = 64;
 // A whole message keeps at most this many bytes.
@@ -90,6 +93,11 @@ absl::StatusOr<int64_t> AsTokens(const json& value, absl::string_view field, int
 // held, in positional tables).
 absl::StatusOr<transfer::BlockList> AsBlockList(const json& value, absl::string_view field,
                                                 bool allow_not_held);
+
+// OK when `value` is an array of at most kMaxGroups entries; else "<field>: must be
+// an array of at most 65536 <what>, got ...".
+absl::Status CheckGroupArray(const json& value, absl::string_view field,
+                             absl::string_view what);
 
 // An array of block lists, one per layer group.
 absl::StatusOr<std::vector<transfer::BlockList>> AsGroupLists(const json& value,

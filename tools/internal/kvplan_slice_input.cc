@@ -144,10 +144,7 @@ absl::StatusOr<std::vector<LayerGroupSpec>> ParseGroups(const Fields& side,
   absl::StatusOr<const json*> value = side.Required("groups");
   if (!value.ok()) return value.status();
   const std::string name = side.Name("groups");
-  if (!(*value)->is_array()) {
-    return FieldError(name,
-                      absl::StrCat("must be an array of layer groups, got ", Describe(**value)));
-  }
+  if (absl::Status s = CheckGroupArray(**value, name, "layer groups"); !s.ok()) return s;
   std::vector<LayerGroupSpec> groups;
   for (size_t g = 0; g < (*value)->size(); ++g) {
     const json& group_json = (**value)[g];
