@@ -139,6 +139,9 @@ void ForBlockBytes(const transfer::ModelSpec& model, const RankPageTable& table,
                    int64_t b, int64_t slot, Visit visit) {
   const transfer::AttentionGroup& group = table.attention_groups[g];
   const transfer::Pool& pool = table.pools[group.view.pool_index];
+  // A table may name a slot past an explicit num_slots: the planner refuses it if
+  // it travels, and there are no bytes to place.
+  if (slot < 0 || slot >= pool.num_slots) return;
   const Heads heads = OwnedHeads(model, table.topology);
   const int64_t token_bytes = model.head_size * model.element_bytes;
   const int64_t head_bytes = model.tokens_per_block * token_bytes;
@@ -167,6 +170,9 @@ template <typename Visit>
 void ForStateBytes(const RankPageTable& table, int64_t slot, Visit visit) {
   const int64_t shard = table.topology.attention_dp ? 0 : table.topology.tp_rank;
   for (const transfer::StateGroup& group : table.state_groups) {
+    // A state slot past an explicit num_slots holds nothing (the planner refuses
+    // it when the state travels).
+    if (slot < 0 || slot >= table.pools[group.pool_index].num_slots) continue;
     const uint64_t base =
         static_cast<uint64_t>(slot) * table.pools[group.pool_index].slot_bytes;
     for (size_t i = 0; i < group.layers.size(); ++i) {

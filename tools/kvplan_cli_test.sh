@@ -34,6 +34,8 @@ expect_error() {
   [ "${rc}" -eq 1 ] || fail "${name}: exit ${rc}, want 1"
   [ -s "${tmp}/out" ] && fail "${name}: stdout not empty: $(cat "${tmp}/out")"
   [ "$(wc -l <"${tmp}/err")" -eq 1 ] || fail "${name}: stderr is not one line: $(cat "${tmp}/err")"
+  # One line for every reader: printable ASCII only (no \v, U+0085, U+2028).
+  LC_ALL=C grep -q '[^ -~]' "${tmp}/err" && fail "${name}: stderr holds unprintable bytes: $(od -c "${tmp}/err" | head -3)"
   grep -q -- "${pattern}" "${tmp}/err" || fail "${name}: stderr lacks ${pattern}: $(cat "${tmp}/err")"
 }
 
@@ -67,6 +69,31 @@ expect_error "unknown command" 'unknown command: plan' plan
 expect_error "missing command" 'missing command'
 expect_error "unreadable file" 'cannot read' align "${tmp}/does-not-exist.json"
 expect_error "two files" 'too many arguments' align a.json b.json
+
+# Regression: issue 8, finding 6: untrusted text on the command line, and Abseil's
+# built-in flags, which kvplan does not parse.
+input='{}'
+expect_error "newline in the command" 'unknown command: al\\nign' $'al\nign'
+expect_error "newline in the file name" 'cannot read .*x\\ny.json' align "${tmp}/x"$'\n'"y.json"
+expect_error "--only_check_args" 'unknown flag: --only_check_args' --only_check_args align
+expect_error "--flagfile" 'unknown flag: --flagfile=/etc/passwd' --flagfile=/etc/passwd align
+expect_error "--version" 'unknown flag: --version' --version
+for flag in --helpon=kvplan --helpmatch=kvplan --helpfull -h; do
+  "${kvplan}" "${flag}" >"${tmp}/out" 2>"${tmp}/err" || fail "${flag}: exit $?"
+  [ -s "${tmp}/err" ] && fail "${flag}: stderr not empty"
+  grep -q '^  fragments ' "${tmp}/out" || fail "${flag}: no usage on stdout"
+done
+printf '%s' '{"tokens_per_block": 8, "src": [], "dst": [], "src_start_token": 0, "dst_start_token": 0}' >"${tmp}/dash.json"
+input=''
+expect_ok "-- ends the options" '"src":\[\]' align -- "${tmp}/dash.json"
+
+# Regression: issue 8, findings 1, 7 and 8.
+input='{"tokens_per_block": 1e400}'
+expect_error "number past double range" 'number overflow parsing' align
+input=''
+expect_error "unbounded input" 'input larger than max_bytes=16777216: /dev/zero' align /dev/zero
+printf '{"tokens_per_block": 8, "src": [1], "dst": [2], "src_start_token": 0, "dst_start_token": 0}\0garbage' >"${tmp}/nul.json"
+expect_error "NUL byte" 'NUL byte at offset=91' align "${tmp}/nul.json"
 
 "${kvplan}" --help >"${tmp}/out" 2>"${tmp}/err" || fail "--help: exit $?"
 grep -q 'transfer_example.json' "${tmp}/out" || fail "--help lacks the example"

@@ -1,10 +1,13 @@
 #include "tools/kvplan.h"
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -500,7 +503,7 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
        "tokens_per_block: field given twice in one object"},
       {"align", "[1, 2]", "input: must be a JSON object, got array"},
       {"align", "{\"tokens_per_block\": \"8\", " + kAlign + "}",
-       "tokens_per_block: must be an integer > 0, got string \"8\""},
+       "tokens_per_block: must be an integer in [1, 9007199254740991], got string \"8\""},
       {"align", "{\"tokens_per_block\": 8.5, " + kAlign + "}", "got number 8.5"},
       {"align", "{\"tokens_per_block\": 8.0, " + kAlign + "}", "tokens_per_block"},
       {"align", "{\"tokens_per_block\": true, " + kAlign + "}", "got boolean true"},
@@ -511,7 +514,7 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
       {"align",
        "{\"tokens_per_block\": 8, \"src\": [1, -3], \"dst\": [], "
        "\"src_start_token\": 0, \"dst_start_token\": 0}",
-       "src[1]: must be a block id >= 0, got -3"},
+       "src[1]: must be a block id in [0, 9007199254740991], got -3"},
       {"align",
        "{\"tokens_per_block\": 8, \"src\": [], \"dst\": [], "
        "\"src_start_token\": -1, \"dst_start_token\": 0}",
@@ -519,7 +522,7 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
       {"align", "{\"tokens_per_block\": 8, \"src\": []}", "dst: missing required field"},
       {"align", "{\"tokens_per_blok\": 8, " + kAlign + "}", "tokens_per_blok: unknown field"},
       {"pair", R"({"tokens_per_block": 8, "prompt_len": -1, "windows": [], "src": [], "dst": []})",
-       "prompt_len: must be an integer >= 0, got -1"},
+       "prompt_len: must be an integer in [0, 9007199254740991], got -1"},
       {"pair",
        "{" + kPair + ", \"token_range\": [4, 4], \"windows\": [], \"src\": [], \"dst\": []}",
        "token_range: must satisfy start < end, got start=4 end=4"},
@@ -532,7 +535,7 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
        "{" + kPair + ", \"token_range\": [-4, 8], \"windows\": [], \"src\": [], \"dst\": []}",
        "token_range[0]"},
       {"pair", "{" + kPair + ", \"windows\": [0], \"src\": [[]], \"dst\": [[]]}",
-       "windows[0]: must be null or an integer > 0, got 0"},
+       "windows[0]: must be null or an integer in [1, 9007199254740991], got 0"},
       {"pair", "{" + kPair + ", \"windows\": [\"64\"], \"src\": [[]], \"dst\": [[]]}",
        "windows[0]"},
       {"pair", "{" + kPair + ", \"windows\": [null], \"src\": [[], []], \"dst\": [[]]}",
@@ -545,7 +548,8 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
            "\"dst_start_token\": -8}",
        "dst_start_token"},
       {"slice", "{" + kSlice + ", \"groups\": [{\"block_ids\": [1, -2]}]}",
-       "groups[0].block_ids[1]: must be a block id >= 0 or -1 (not held), got -2"},
+       "groups[0].block_ids[1]: must be -1 (not held) or a block id in [0, "
+       "9007199254740991], got -2"},
       {"slice", "{" + kSlice + ", \"token_range\": [0, 40], \"groups\": []}",
        "token_range: must end at or before the prompt's end"},
       {"slice", R"({"tokens_per_block": 8, "prompt_len": 32, "side": "decode", "groups": []})",
@@ -598,7 +602,7 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
        R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
                      "tokens_per_block": 4, "groups": [{"window": 0}]}, )" +
            kFragmentsRest + "}",
-       "model.groups[0].window: must be null or an integer > 0, got 0"},
+       "model.groups[0].window: must be null or an integer in [1, 9007199254740991], got 0"},
       {"fragments",
        R"({"model": {"num_layers": 2, "num_kv_heads": 4, "head_size": 8, "element_bytes": 2,
                      "tokens_per_block": 4, "groups": [{"layers": [0]}, {"window": 8}]}, )" +
@@ -664,6 +668,252 @@ TEST(KvplanRejects, MalformedAndInvalidInput) {
     EXPECT_THAT(out, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(row.reason)));
     EXPECT_THAT(std::string(out.status().message()), Not(HasSubstr("\n")));
   }
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input (issue 8): every rejection is one line of printable ASCII.
+
+void ExpectOneLine(const absl::Status& status) {
+  const std::string message(status.message());
+  EXPECT_LE(message.size(), 1100u);
+  for (const char c : message) {
+    ASSERT_TRUE(c >= 0x20 && c < 0x7f) << "byte " << static_cast<int>(c) << " in " << message;
+  }
+}
+
+const char* const kCommands[] = {"align", "pair", "slice", "transfer", "fragments"};
+
+// Regression: issue 8, finding 1 (1e400 in any command: SIGABRT).
+TEST(KvplanHostile, NumberPastDoubleRangeInEveryCommand) {
+  for (const char* command : kCommands) {
+    SCOPED_TRACE(command);
+    const absl::StatusOr<std::string> out =
+        RunCommand(command, R"({"tokens_per_block": 1e400, "prompt_len": 8})");
+    EXPECT_THAT(out, StatusIs(absl::StatusCode::kInvalidArgument,
+                              HasSubstr("malformed JSON: number overflow parsing '1e400'")));
+  }
+}
+
+// Regression: issue 8, findings 6 and 7.
+TEST(KvplanHostile, EchoedTextIsEscapedAndCut) {
+  const std::string big_key(10 << 20, 'k');
+  const struct {
+    const char* command;
+    std::string input;
+    const char* reason;
+  } rows[] = {
+      {"align", "{\"tokens\\u000bper_block\": 8}", "tokens\\x0bper_block: unknown field"},
+      {"align", "{\"a\\u2028b\": 8}", "a\\xe2\\x80\\xa8b: unknown field"},
+      {"align", "{\"a\\u0085b\": 8}", "a\\xc2\\x85b: unknown field"},
+      {"slice",
+       "{\"tokens_per_block\": 8, \"prompt_len\": 8, \"side\": \"con\\ntext\\u2028\", "
+       "\"groups\": []}",
+       "side: must be one of \"context\", \"generation\", got string "
+       "\"con\\ntext\\xe2\\x80\\xa8\""},
+      {"align", "{\"" + big_key + "\": 1}", "...(10485760 bytes): unknown field"},
+      {"align", "{\"" + big_key.substr(0, 7 << 20) + "\": 1, \"" + big_key.substr(0, 7 << 20) +
+                    "\": 2}",
+       "...(7340032 bytes): field given twice"},
+      {"pair", std::string("{\"tokens_per_block\": 8}\0{\"x\": 1}", 33), "NUL byte at offset=23"},
+      {"align", "[\"\xe2\x80\xa8", "malformed JSON"},
+      {"pl\nan\xc2\x85", "{}", "unknown command: pl\\nan\\xc2\\x85"},
+  };
+  for (const auto& row : rows) {
+    SCOPED_TRACE(row.reason);
+    const absl::StatusOr<std::string> out = RunCommand(row.command, row.input);
+    EXPECT_THAT(out, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(row.reason)));
+    ExpectOneLine(out.status());
+  }
+}
+
+json SmallFragments() {
+  return {{"model", TinyModel()},
+          {"request", {{"prompt_len", 16}}},
+          {"context", {{"tp", 1}}},
+          {"generation", {{"tp", 1}}}};
+}
+
+// Regression: issue 8, finding 3: a few hundred bytes whose every field is in
+// bounds but whose product is not.
+TEST(KvplanHostile, FragmentsBoundsItsWorkAndCountsWithoutListing) {
+  // 65,536 layers x 256k one-token blocks, TP4 -> TP8: 3.4e10 fragments a pair (the
+  // reviewers' 1M blocks: 1.4e11).
+  json huge = {{"model",
+                {{"num_layers", 65536},
+                 {"num_kv_heads", 8},
+                 {"head_size", 4},
+                 {"element_bytes", 1},
+                 {"tokens_per_block", 1}}},
+               {"request", {{"prompt_len", 1 << 18}}},
+               {"context", {{"tp", 4}}},
+               {"generation", {{"tp", 8}}}};
+  EXPECT_THAT(RunCommand("fragments", huge.dump()),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("fragments_held=34359738368 max_fragments_held=131072")));
+  huge["max_fragments_listed"] = 0;
+  const json counted = RunJson("fragments", huge);
+  EXPECT_EQ(counted["totals"]["rank_pairs"], 8);
+  EXPECT_EQ(counted["totals"]["fragments_after_coalescing"], int64_t{8} << 35);
+  EXPECT_EQ(counted["pairs"][0]["fragments"], json::array());
+
+  // 2,000 groups that all name layer 0.
+  json groups = SmallFragments();
+  groups["model"]["groups"] = json::array();
+  for (int g = 0; g < 2000; ++g) groups["model"]["groups"].push_back({{"layers", {0}}});
+  EXPECT_THAT(RunCommand("fragments", groups.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("layer in two attention groups: layer=0 group=0 "
+                                 "other_group=1")));
+
+  // 65,536 ranks a side.
+  json ranks = SmallFragments();
+  ranks["model"]["num_layers"] = 16;
+  ranks["model"]["num_kv_heads"] = 4096;
+  for (const char* side : {"context", "generation"}) {
+    ranks[side] = {{"tp", 4096}, {"pp_layers", std::vector<int>(16, 1)}};
+  }
+  EXPECT_THAT(RunCommand("fragments", ranks.dump()),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("max_layout_entries=2097152 context_ranks=65536")));
+
+  // Identity tables bounded over all groups, not per table.
+  json identity = SmallFragments();
+  identity["model"]["num_layers"] = 64;
+  identity["model"]["groups"] = json::array();
+  for (int g = 0; g < 64; ++g) identity["model"]["groups"].push_back({{"layers", {g}}});
+  identity["request"]["prompt_len"] = 1 << 16;
+  identity["model"]["tokens_per_block"] = 1;
+  EXPECT_THAT(RunCommand("fragments", identity.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("would hold 65536 blocks x 64 groups (max 524288 ids)")));
+}
+
+// Every group is several objects of the output: a 12 MB input of 350k Mamba
+// groups per side made `transfer` hold 820 MB. Group lists are bounded.
+TEST(KvplanHostile, GroupListsAreBounded) {
+  const std::string many = absl::StrCat(
+      "[", absl::StrJoin(std::vector<std::string>(65537, "{\"kind\": \"mamba\"}"), ","), "]");
+  EXPECT_THAT(RunCommand("slice", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                   "side": "context", "groups": )",
+                                               many, "}")),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("groups: must be an array of at most 65536 layer groups, got "
+                                 "65537 of them")));
+  const std::string nulls =
+      absl::StrCat("[", absl::StrJoin(std::vector<std::string>(65537, "null"), ","), "]");
+  EXPECT_THAT(RunCommand("pair", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                  "src": [], "dst": [], "windows": )",
+                                              nulls, "}")),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("windows: must be an array of at most 65536 null or windows")));
+  const std::string exactly = absl::StrCat(
+      "[", absl::StrJoin(std::vector<std::string>(65536, "{\"kind\": \"mamba\"}"), ","), "]");
+  EXPECT_THAT(RunCommand("slice", absl::StrCat(R"({"tokens_per_block": 8, "prompt_len": 0,
+                                                   "side": "context", "groups": )",
+                                               exactly, "}")),
+              IsOk());
+}
+
+// Regression: issue 8, finding 4. A block id of 2^63-1 overflowed deriving the
+// default num_slots; ids now stop at 2^53-1, where slot counts stop at 2^53
+// (semantics gap 4: num_slots 2^53 was refused while larger ids were accepted).
+TEST(KvplanHostile, BlockIdsAndSlotCountsShareOneBound) {
+  json input = SmallFragments();
+  input["context"]["groups"] = {{{"block_ids", {0, 1, 2, int64_t{9223372036854775807}}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("context.groups[0].block_ids[3]: must be -1 (not held) or a "
+                                 "block id in [0, 9007199254740991]")));
+  input["context"]["groups"] = {{{"block_ids", {0, 1, 2, int64_t{9007199254740991}}}}};
+  input["context"]["num_slots"] = int64_t{9007199254740992};  // 2^53 slots of 1 KiB
+  EXPECT_THAT(RunCommand("fragments", input.dump()), IsOk());
+  input["context"]["num_slots"] = int64_t{9007199254740993};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("context.num_slots: must be an integer in [1, "
+                                 "9007199254740992], got 9007199254740993")));
+  input["context"]["num_slots"] = 8;
+  input["context"]["groups"] = {{{"block_ids", {0, 1, 2, 7}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()), IsOk());
+}
+
+// Regression: issue 8, finding 5. Eight rank pairs of 2^63 bytes: the total
+// wrapped at 2^64 (1.38e19 reported for 3.2e19... here 7.4e19).
+TEST(KvplanHostile, BytesPast64BitsAreRefused) {
+  const json input = {{"model",
+                       {{"num_layers", 1},
+                        {"num_kv_heads", 8},
+                        {"head_size", 1 << 20},
+                        {"element_bytes", 8},
+                        {"tokens_per_block", 1 << 20}}},
+                      {"request", {{"prompt_len", int64_t{1} << 39}}},
+                      {"context", {{"tp", 8}}},
+                      {"generation", {{"tp", 8}}},
+                      {"max_fragments_listed", 0}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kOutOfRange,
+                       HasSubstr("scenario totals overflow 64 bits")));
+}
+
+// Regression: issue 8, semantics gap 1, through the tool.
+TEST(KvplanHostile, RepeatedBlockIdsAreRejectedOnEitherSide) {
+  EXPECT_THAT(RunCommand("pair", R"({"tokens_per_block": 8, "prompt_len": 32,
+                                     "windows": [null], "src": [[1, 2, 3, 4]],
+                                     "dst": [[5, 6, 5, 8]]})"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("destination block list repeats a block: group=0 block=5 "
+                                 "index=0 other_index=2")));
+  json input = TransferInput();
+  input["context"]["groups"][0]["block_ids"][7] = 3;
+  EXPECT_THAT(RunCommand("transfer", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("source block list repeats a block: request=0 group=0 "
+                                 "block=3 index=3 other_index=7")));
+  json fragments = SmallFragments();
+  fragments["generation"]["groups"] = {{{"block_ids", {4, 4, 5, 6}}}};
+  EXPECT_THAT(RunCommand("fragments", fragments.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("destination block list repeats a block")));
+}
+
+// Regression: issue 8, semantics gap 2, through the tool.
+TEST(KvplanHostile, EveryLayerIsInExactlyOneGroup) {
+  json input = SmallFragments();
+  input["model"]["groups"] = {{{"layers", {0}}}, {{"window", 8}, {"layers", {0, 1}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("layer in two attention groups: layer=0 group=0 "
+                                 "other_group=1")));
+  input["model"]["groups"] = {{{"layers", {1}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("layer in no attention group and not a state layer: layer=0")));
+}
+
+// Regression: issue 8, semantics gap 3: "window": null was rejected where
+// leaving the field out was accepted, though null counts as absent.
+TEST(KvplanHostile, NullCountsAsAbsentEverywhere) {
+  json input = SmallFragments();
+  input["model"]["groups"] = {{{"window", 6}, {"layers", {0, 1}}}};
+  input["generation"]["groups"] = {{{"window", nullptr}, {"block_ids", {0, 1, 2, 3}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()), IsOk());
+  input["generation"]["groups"] = {{{"window", 8}, {"block_ids", {0, 1, 2, 3}}}};
+  EXPECT_THAT(RunCommand("fragments", input.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("generation.groups[0].window: must match "
+                                 "model.groups[0].window, got 8 vs 6")));
+  json slice = SliceInput("context", nullptr, {{{"kind", nullptr}, {"block_ids", {1, 2, 3, 4}}}});
+  slice["token_range"] = nullptr;
+  slice["generation_only"] = nullptr;
+  EXPECT_THAT(RunCommand("slice", slice.dump()), IsOk());
+  json transfer = TransferInput();
+  transfer["generation"]["side"] = nullptr;
+  EXPECT_THAT(RunCommand("transfer", transfer.dump()), IsOk());
+  // V1's count given as null is absent: required when reuse is on.
+  slice["reuse"] = {{"enabled", true}, {"adapter", "v1"}, {"prepopulated_prompt_len", nullptr}};
+  EXPECT_THAT(RunCommand("slice", slice.dump()),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("reuse.prepopulated_prompt_len: missing required field")));
 }
 
 }  // namespace

@@ -167,15 +167,123 @@ absl::Status CheckSlot(const char* side, int64_t block, int64_t num_slots,
       " index=", index, " block=", block, " num_slots=", num_slots));
 }
 
-void EmitPieces(const SlotMap& map, int64_t src_block, int64_t dst_block,
-                std::vector<Fragment>* out) {
-  const uint64_t src_base = static_cast<uint64_t>(src_block) * map.src_slot_bytes;
-  const uint64_t dst_base = static_cast<uint64_t>(dst_block) * map.dst_slot_bytes;
-  for (const SlotPiece& piece : map.pieces) {
-    AppendCoalesced(Fragment{map.src_pool, src_base + piece.src_offset, map.dst_pool,
-                             dst_base + piece.dst_offset, piece.bytes},
-                    out);
+// Fragment i of `map`'s pieces shifted to one block pair.
+Fragment Shifted(const SlotMap& map, const SlotPiece& piece, int64_t src_block,
+                 int64_t dst_block) {
+  return Fragment{map.src_pool,
+                  static_cast<uint64_t>(src_block) * map.src_slot_bytes + piece.src_offset,
+                  map.dst_pool,
+                  static_cast<uint64_t>(dst_block) * map.dst_slot_bytes + piece.dst_offset,
+                  piece.bytes};
+}
+
+bool Continues(const Fragment& last, const Fragment& next) {
+  return last.src_pool == next.src_pool && last.dst_pool == next.dst_pool &&
+         last.src_offset + last.bytes == next.src_offset &&
+         last.dst_offset + last.bytes == next.dst_offset;
+}
+
+// Where PlanInto puts fragments: every one, coalesced into a vector.
+class ListSink {
+ public:
+  explicit ListSink(std::vector<Fragment>* out) : out_(out) {}
+  void Add(const Fragment& fragment) { AppendCoalesced(fragment, out_); }
+  void AddBlock(const SlotMap& map, int64_t src_block, int64_t dst_block) {
+    for (const SlotPiece& piece : map.pieces) Add(Shifted(map, piece, src_block, dst_block));
   }
+  int64_t fragments() const { return static_cast<int64_t>(out_->size()); }
+
+ private:
+  std::vector<Fragment>* const out_;
+};
+
+// Where Count puts fragments: it counts them as ListSink would hold them and keeps
+// only the first `max_listed`. Once no new fragment can be listed, a block costs
+// O(1): the pieces of one slot are coalesced already (AppendPiece), so only a
+// block's first piece can continue the fragment before it.
+class CountSink {
+ public:
+  CountSink(size_t max_listed, std::vector<Fragment>* listed)
+      : max_listed_(max_listed), listed_(listed) {}
+
+  void Add(const Fragment& fragment) {
+    if (count_ > 0 && Continues(last_, fragment)) {
+      last_.bytes += fragment.bytes;
+      if (last_listed_) listed_->back().bytes += fragment.bytes;
+      return;
+    }
+    ++count_;
+    last_ = fragment;
+    last_listed_ = listed_ != nullptr && listed_->size() < max_listed_;
+    if (last_listed_) listed_->push_back(fragment);
+  }
+
+  void AddBlock(const SlotMap& map, int64_t src_block, int64_t dst_block) {
+    if (map.pieces.empty()) return;
+    if (listed_ != nullptr && listed_->size() < max_listed_) {
+      for (const SlotPiece& piece : map.pieces) {
+        Add(Shifted(map, piece, src_block, dst_block));
+      }
+      return;
+    }
+    Add(Shifted(map, map.pieces.front(), src_block, dst_block));
+    if (map.pieces.size() == 1) return;
+    count_ += static_cast<int64_t>(map.pieces.size()) - 1;
+    last_ = Shifted(map, map.pieces.back(), src_block, dst_block);
+    last_listed_ = false;
+  }
+
+  int64_t fragments() const { return count_; }
+
+ private:
+  const size_t max_listed_;
+  std::vector<Fragment>* const listed_;
+  int64_t count_ = 0;
+  Fragment last_;
+  bool last_listed_ = false;
+};
+
+// Whole-slot copies: a run of pairs whose ids both go up by one is one write, found
+// without touching the output per block.
+template <typename Sink>
+void EmitWholeSlotRuns(const SlotMap& map, const GroupPairing& pairing, Sink& sink) {
+  const int64_t* src = pairing.src.data();
+  const int64_t* dst = pairing.dst.data();
+  const size_t n = pairing.src.size();
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i + 1;
+    while (j < n && src[j] == src[j - 1] + 1 && dst[j] == dst[j - 1] + 1) ++j;
+    sink.Add(Fragment{map.src_pool, static_cast<uint64_t>(src[i]) * map.src_slot_bytes,
+                      map.dst_pool, static_cast<uint64_t>(dst[i]) * map.dst_slot_bytes,
+                      static_cast<uint64_t>(j - i) * map.src_slot_bytes});
+    i = j;
+  }
+}
+
+// Bytes one block pair moves through `map`.
+uint64_t BlockBytes(const SlotMap& map) {
+  uint64_t bytes = 0;
+  for (const SlotPiece& piece : map.pieces) bytes += piece.bytes;  // inside one slot
+  return bytes;
+}
+
+// Adds `blocks` block pairs of `map` to the counts; false when a count overflows.
+bool CountBlocks(const SlotMap& map, uint64_t blocks, PlanCounts* counts) {
+  int64_t before = 0;
+  uint64_t bytes = 0;
+  return !__builtin_mul_overflow(static_cast<int64_t>(blocks), map.pieces_before_coalescing,
+                                 &before) &&
+         !__builtin_add_overflow(counts->fragments_before_coalescing, before,
+                                 &counts->fragments_before_coalescing) &&
+         !__builtin_mul_overflow(blocks, BlockBytes(map), &bytes) &&
+         !__builtin_add_overflow(counts->total_bytes, bytes, &counts->total_bytes);
+}
+
+absl::Status CountOverflow(const PlanContext& context, const char* group_kind,
+                           size_t group) {
+  return absl::OutOfRangeError(absl::StrCat("plan size overflows 64 bits:", Where(context),
+                                            " ", group_kind, "=", group));
 }
 
 // Every block id of a group's pairs lies in its pool. The hot loop only reads;
@@ -206,26 +314,6 @@ absl::Status CheckBlocks(const SlotMap& map, const GroupPairing& pairing,
   return absl::InternalError("block check disagrees with itself");
 }
 
-// Whole-slot copies: a run of pairs whose ids both go up by one is one write, found
-// without touching the output per block.
-void EmitWholeSlotRuns(const SlotMap& map, const GroupPairing& pairing,
-                       std::vector<Fragment>* out) {
-  const int64_t* src = pairing.src.data();
-  const int64_t* dst = pairing.dst.data();
-  const size_t n = pairing.src.size();
-  size_t i = 0;
-  while (i < n) {
-    size_t j = i + 1;
-    while (j < n && src[j] == src[j - 1] + 1 && dst[j] == dst[j - 1] + 1) ++j;
-    AppendCoalesced(
-        Fragment{map.src_pool, static_cast<uint64_t>(src[i]) * map.src_slot_bytes,
-                 map.dst_pool, static_cast<uint64_t>(dst[i]) * map.dst_slot_bytes,
-                 static_cast<uint64_t>(j - i) * map.src_slot_bytes},
-        out);
-    i = j;
-  }
-}
-
 absl::Status CheckFragmentSide(const char* side, size_t index, int64_t pool_index,
                                uint64_t offset, uint64_t bytes,
                                const RankPageTable& table) {
@@ -239,6 +327,62 @@ absl::Status CheckFragmentSide(const char* side, size_t index, int64_t pool_inde
   return absl::OutOfRangeError(absl::StrCat(
       side, " fragment outside a registered pool: fragment=", index, " pool=", pool_index,
       " offset=", offset, " bytes=", bytes, " pools=", table.pools.size()));
+}
+
+// PlanInto and Count: checks every pair, sends the fragments to `sink` and counts
+// them. Pairs of a group emit in order, groups in slice order, state last.
+template <typename Sink>
+absl::StatusOr<PlanCounts> EmitPlan(const std::vector<SlotMap>& groups,
+                                    const std::vector<int64_t>& slice_groups,
+                                    const std::vector<SlotMap>& states,
+                                    absl::Span<const GroupPairing> pairings,
+                                    const PlanContext& context, Sink& sink) {
+  if (pairings.size() != slice_groups.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pairings need one entry per layer group:", Where(context),
+                     " pairings=", pairings.size(), " groups=", slice_groups.size()));
+  }
+  PlanCounts counts;
+  for (size_t g = 0; g < slice_groups.size(); ++g) {
+    const GroupPairing& pairing = pairings[g];
+    if (slice_groups[g] == kStateSliceGroup) {
+      if (!pairing.src.empty() || !pairing.dst.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("block pairs for a mamba group:", Where(context), " group=", g,
+                         " src=", pairing.src.size(), " dst=", pairing.dst.size()));
+      }
+      continue;
+    }
+    const SlotMap& map = groups[slice_groups[g]];
+    if (pairing.src.size() != pairing.dst.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block pairs of unequal length:", Where(context), " group=", g,
+                       " src=", pairing.src.size(), " dst=", pairing.dst.size()));
+    }
+    if (absl::Status s = CheckBlocks(map, pairing, context, g); !s.ok()) return s;
+    if (!CountBlocks(map, pairing.src.size(), &counts)) return CountOverflow(context, "group", g);
+    if (map.kind == transfer_internal::MapperKind::kWholeSlot) {
+      EmitWholeSlotRuns(map, pairing, sink);
+    } else if (map.kind != transfer_internal::MapperKind::kNone) {
+      for (size_t i = 0; i < pairing.src.size(); ++i) {
+        sink.AddBlock(map, pairing.src[i], pairing.dst[i]);
+      }
+    }
+  }
+  if (context.src_state_slot && context.dst_state_slot) {
+    for (size_t k = 0; k < states.size(); ++k) {
+      const SlotMap& map = states[k];
+      absl::Status status = CheckSlot("src", *context.src_state_slot, map.src_num_slots,
+                                      context, "state_group", k, 0);
+      status.Update(CheckSlot("dst", *context.dst_state_slot, map.dst_num_slots, context,
+                              "state_group", k, 0));
+      if (!status.ok()) return status;
+      if (!CountBlocks(map, 1, &counts)) return CountOverflow(context, "state_group", k);
+      sink.AddBlock(map, *context.src_state_slot, *context.dst_state_slot);
+    }
+  }
+  counts.fragments_after_coalescing = sink.fragments();
+  return counts;
 }
 
 }  // namespace
@@ -298,62 +442,28 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
   plan->fragments.clear();
   plan->fragments_before_coalescing = 0;
   plan->total_bytes = 0;
-  if (pairings.size() != slice_groups_.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("pairings need one entry per layer group:", Where(context),
-                     " pairings=", pairings.size(), " groups=", slice_groups_.size()));
-  }
-  absl::Status status;
-  for (size_t g = 0; g < slice_groups_.size() && status.ok(); ++g) {
-    const GroupPairing& pairing = pairings[g];
-    if (slice_groups_[g] == kStateSliceGroup) {
-      if (!pairing.src.empty() || !pairing.dst.empty()) {
-        status = absl::InvalidArgumentError(
-            absl::StrCat("block pairs for a mamba group:", Where(context), " group=", g,
-                         " src=", pairing.src.size(), " dst=", pairing.dst.size()));
-      }
-      continue;
-    }
-    const SlotMap& map = groups_[slice_groups_[g]];
-    if (pairing.src.size() != pairing.dst.size()) {
-      status = absl::InvalidArgumentError(
-          absl::StrCat("block pairs of unequal length:", Where(context), " group=", g,
-                       " src=", pairing.src.size(), " dst=", pairing.dst.size()));
-      break;
-    }
-    if (absl::Status s = CheckBlocks(map, pairing, context, g); !s.ok()) {
-      status = s;
-      break;
-    }
-    if (map.kind == transfer_internal::MapperKind::kWholeSlot) {
-      EmitWholeSlotRuns(map, pairing, &plan->fragments);
-    } else if (map.kind != transfer_internal::MapperKind::kNone) {
-      for (size_t i = 0; i < pairing.src.size(); ++i) {
-        EmitPieces(map, pairing.src[i], pairing.dst[i], &plan->fragments);
-      }
-    }
-    plan->fragments_before_coalescing +=
-        static_cast<int64_t>(pairing.src.size()) * map.pieces_before_coalescing;
-  }
-  if (status.ok() && context.src_state_slot && context.dst_state_slot) {
-    for (size_t k = 0; k < states_.size() && status.ok(); ++k) {
-      const SlotMap& map = states_[k];
-      status.Update(CheckSlot("src", *context.src_state_slot, map.src_num_slots, context,
-                              "state_group", k, 0));
-      status.Update(CheckSlot("dst", *context.dst_state_slot, map.dst_num_slots, context,
-                              "state_group", k, 0));
-      if (!status.ok()) break;
-      EmitPieces(map, *context.src_state_slot, *context.dst_state_slot, &plan->fragments);
-      plan->fragments_before_coalescing += map.pieces_before_coalescing;
-    }
-  }
-  if (!status.ok()) {
+  ListSink sink(&plan->fragments);
+  absl::StatusOr<PlanCounts> counts =
+      EmitPlan(groups_, slice_groups_, states_, pairings, context, sink);
+  if (!counts.ok()) {
     plan->fragments.clear();
-    plan->fragments_before_coalescing = 0;
-    return status;
+    return counts.status();
   }
-  for (const Fragment& f : plan->fragments) plan->total_bytes += f.bytes;
+  plan->fragments_before_coalescing = counts->fragments_before_coalescing;
+  plan->total_bytes = counts->total_bytes;
   return absl::OkStatus();
+}
+
+absl::StatusOr<PlanCounts> FragmentPlanner::Count(absl::Span<const GroupPairing> pairings,
+                                                  const PlanContext& context,
+                                                  size_t max_listed,
+                                                  std::vector<Fragment>* first) const {
+  if (first != nullptr) first->clear();
+  CountSink sink(max_listed, first);
+  absl::StatusOr<PlanCounts> counts =
+      EmitPlan(groups_, slice_groups_, states_, pairings, context, sink);
+  if (!counts.ok() && first != nullptr) first->clear();
+  return counts;
 }
 
 absl::StatusOr<FragmentPlan> FragmentPlanner::Plan(

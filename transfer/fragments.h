@@ -35,6 +35,7 @@
 #ifndef KVX_TRANSFER_FRAGMENTS_H_
 #define KVX_TRANSFER_FRAGMENTS_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -78,6 +79,13 @@ struct FragmentPlan {
   uint64_t total_bytes = 0;
 };
 
+// The size of a plan without the plan: what PlanInto's FragmentPlan would hold.
+struct PlanCounts {
+  int64_t fragments_before_coalescing = 0;
+  int64_t fragments_after_coalescing = 0;  // PlanInto's fragments.size()
+  uint64_t total_bytes = 0;
+};
+
 // Per-request facts besides the block pairs.
 struct PlanContext {
   std::optional<int64_t> request_id;  // named in errors
@@ -113,12 +121,24 @@ class FragmentPlanner {
   // capacity. Block ids are checked even when this sender does not write. Errors:
   // InvalidArgument for the wrong number of groups, unequal src/dst lengths or pairs for
   // a Mamba slice group; OutOfRange for a block id < 0 or >= its pool's slot count, or a
-  // state slot likewise, naming request, slice, group, index and block.
+  // state slot likewise, naming request, slice, group, index and block, and for a
+  // plan whose fragment count or total bytes would pass 64 bits (possible only when
+  // pairs repeat a slot, which PairSliceBlocks rejects).
   ABSL_MUST_USE_RESULT absl::Status PlanInto(absl::Span<const GroupPairing> pairings,
                                              const PlanContext& context,
                                              FragmentPlan* plan) const;
   ABSL_MUST_USE_RESULT absl::StatusOr<FragmentPlan> Plan(
       absl::Span<const GroupPairing> pairings, const PlanContext& context) const;
+
+  // The counts of the plan PlanInto would build, without building it, and its first
+  // `max_listed` fragments (exactly as PlanInto lists them) in `*first`, which is
+  // cleared first and may be null when nothing is to be listed. O(block pairs) time
+  // once the list is full and O(max_listed) memory, however many fragments the plan
+  // has: for sizing a plan before paying for it, or showing a prefix of one too large
+  // to hold. Same checks and errors as PlanInto.
+  ABSL_MUST_USE_RESULT absl::StatusOr<PlanCounts> Count(
+      absl::Span<const GroupPairing> pairings, const PlanContext& context,
+      size_t max_listed, std::vector<Fragment>* first) const;
 
  private:
   FragmentPlanner() = default;

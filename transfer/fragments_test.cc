@@ -1,5 +1,7 @@
 #include "transfer/fragments.h"
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -21,6 +23,7 @@ using ::kvx::testing::IsOk;
 using ::kvx::testing::StatusIs;
 using ::kvx::testing::TinyModel;
 using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
 
 RankPageTable Table(const ModelSpec& model, const Topology& topology) {
@@ -194,6 +197,98 @@ TEST(FragmentPlanner, SkipsMambaSliceGroups) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mamba group")));
   EXPECT_THAT(planner.Plan(Pairs({0}, {0}), {}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("groups=2")));
+}
+
+// One layer whose K and V sit at both ends of a 256-byte slot, with a gap between:
+// two pieces per block, and V of block b continues K of block b + 1 when both ids go
+// up by one, so fragments also coalesce across blocks outside whole-slot copies.
+RankPageTable GappedTable() {
+  RankPageTable table;
+  table.tokens_per_block = 4;
+  table.head_size = 8;
+  table.element_bytes = 2;
+  table.num_kv_heads = 1;
+  table.topology.layers_per_pp_rank = {1};
+  table.pools = {Pool{uint64_t{1} << 20, 256, 16, PoolRole::kKVCache}};
+  AttentionGroup group;
+  group.kv_heads_per_rank = 1;
+  group.global_layer_ids = {0};
+  group.view = PoolView{0, {{0, 192}}};
+  table.attention_groups = {group};
+  return table;
+}
+
+// Count must report what PlanInto builds, and list a prefix of it, for every kind of
+// mapping and list limit.
+TEST(FragmentPlanner, CountMatchesPlanIntoWithoutBuildingThePlan) {
+  const ModelSpec model = TinyModel(4, 2);
+  struct Case {
+    const char* name;
+    RankPageTable src, dst;
+    std::vector<GroupPairing> pairings;
+    int64_t want_after;
+  };
+  std::vector<Case> cases = {
+      {"whole slot runs", Table(model, MakeTopology(1, {4})), Table(model, MakeTopology(1, {4})),
+       Pairs({0, 1, 2, 5, 6, 9}, {10, 11, 12, 13, 14, 3}), 3},
+      {"layer run", Table(model, MakeTopology(1, {2, 2}, 0, 1)),
+       Table(model, MakeTopology(1, {4})), Pairs({3, 4, 5}, {5, 6, 7}), 3},
+      {"head run", Table(model, MakeTopology(1, {4})), Table(model, MakeTopology(2, {4}, 1)),
+       Pairs({1, 2}, {2, 3}), 16},
+      {"gapped slots coalesce across blocks", GappedTable(), GappedTable(),
+       Pairs({0, 1, 2, 7, 3}, {5, 6, 7, 8, 9}), 8},
+      {"empty", GappedTable(), GappedTable(), Pairs({}, {}), 0},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    ASSERT_OK_AND_ASSIGN(FragmentPlanner planner, FragmentPlanner::Create(c.src, c.dst));
+    ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(c.pairings, {}));
+    EXPECT_EQ(static_cast<int64_t>(plan.fragments.size()), c.want_after);
+    for (size_t max_listed = 0; max_listed <= plan.fragments.size() + 1; ++max_listed) {
+      SCOPED_TRACE(max_listed);
+      std::vector<Fragment> first = {Fragment{9, 9, 9, 9, 9}};  // cleared by Count
+      ASSERT_OK_AND_ASSIGN(PlanCounts counts,
+                           planner.Count(c.pairings, {}, max_listed, &first));
+      EXPECT_EQ(counts.fragments_before_coalescing, plan.fragments_before_coalescing);
+      EXPECT_EQ(counts.fragments_after_coalescing,
+                static_cast<int64_t>(plan.fragments.size()));
+      EXPECT_EQ(counts.total_bytes, plan.total_bytes);
+      const size_t listed = std::min(max_listed, plan.fragments.size());
+      EXPECT_THAT(first, ElementsAreArray(plan.fragments.begin(),
+                                          plan.fragments.begin() + listed));
+    }
+    ASSERT_OK_AND_ASSIGN(PlanCounts counts, planner.Count(c.pairings, {}, 0, nullptr));
+    EXPECT_EQ(counts.fragments_after_coalescing, c.want_after);
+  }
+  ASSERT_OK_AND_ASSIGN(FragmentPlanner planner,
+                       FragmentPlanner::Create(GappedTable(), GappedTable()));
+  EXPECT_THAT(planner.Count(Pairs({16}, {0}), {}, 4, nullptr),
+              StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block=16")));
+}
+
+// Regression: issue 8, finding 5. Pairs that name one slot again and again (which
+// PairSliceBlocks now rejects, but PlanInto is public) summed bytes past 2^64 and
+// reported the wrapped total.
+TEST(FragmentPlanner, RefusesAPlanWhoseBytesPass64Bits) {
+  ModelSpec model = TinyModel(1, 1);
+  model.tokens_per_block = 1 << 20;
+  model.head_size = 1 << 20;
+  model.element_bytes = 8;  // K or V: 2^43 bytes; a slot 2^44
+  ASSERT_OK_AND_ASSIGN(RankPageTable table,
+                       BuildStandardPageTable(model, MakeTopology(1, {1}), 4, 0));
+  ASSERT_OK_AND_ASSIGN(FragmentPlanner planner, FragmentPlanner::Create(table, table));
+  BlockList ids;
+  for (int i = 0; i < (1 << 20); ++i) ids.push_back(i % 2);  // 2^20 x 2^44 bytes
+  PlanContext context;
+  context.request_id = 5;
+  EXPECT_THAT(planner.Plan(Pairs(ids, ids), context),
+              StatusIs(absl::StatusCode::kOutOfRange,
+                       HasSubstr("plan size overflows 64 bits: request=5 group=0")));
+  EXPECT_THAT(planner.Count(Pairs(ids, ids), context, 0, nullptr),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  ids.resize(1 << 19);  // 2^63 bytes: still fits
+  ASSERT_OK_AND_ASSIGN(FragmentPlan plan, planner.Plan(Pairs(ids, ids), context));
+  EXPECT_EQ(plan.total_bytes, uint64_t{1} << 63);
 }
 
 TEST(ValidateFragments, RejectsFragmentsOutsidePools) {

@@ -10,6 +10,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
+#include "transfer/internal/layer_coverage.h"
 #include "transfer/topology.h"
 
 namespace kvx::transfer {
@@ -250,6 +252,24 @@ absl::Status ValidatePageTable(const RankPageTable& table) {
   }
   for (size_t g = 0; g < table.state_groups.size(); ++g) {
     if (absl::Status s = CheckStateGroup(table, g, layers); !s.ok()) return s;
+  }
+  std::vector<absl::Span<const int64_t>> groups;
+  groups.reserve(table.attention_groups.size());
+  for (const AttentionGroup& group : table.attention_groups) {
+    groups.push_back(group.global_layer_ids);
+  }
+  std::vector<int64_t> state_layers;
+  for (const StateGroup& group : table.state_groups) {
+    state_layers.insert(state_layers.end(), group.global_layer_ids.begin(),
+                        group.global_layer_ids.end());
+  }
+  std::sort(state_layers.begin(), state_layers.end());
+  state_layers.erase(std::unique(state_layers.begin(), state_layers.end()),
+                     state_layers.end());
+  if (absl::Status s = transfer_internal::CheckLayerCoverage(layers.first, layers.end,
+                                                             groups, state_layers);
+      !s.ok()) {
+    return s;
   }
   return CheckSliceGroups(table);
 }

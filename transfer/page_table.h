@@ -131,7 +131,8 @@ uint64_t HeadBlockBytes(const RankPageTable& table);
 // with nonzero slot bytes and slots, base + slot_bytes * num_slots without
 // overflow, pairwise disjoint; every view inside a pool of the right role and
 // every K/V or state buffer inside its slot; global layer ids strictly increasing
-// inside the rank's PP span; kv_heads_per_rank equal to the rank's TP head share;
+// inside the rank's PP span, each layer of the span in exactly one attention group
+// (a Mamba state layer may be in none); kv_heads_per_rank equal to the rank's TP head share;
 // windows positive; slice_groups naming every attention group exactly once.
 // Returns InvalidArgument naming the group, layer, pool and
 // numbers; Unimplemented for an unsupported head split (see TpHeadShard).

@@ -43,6 +43,11 @@ RankPageTable ValidTable() {
 TEST(ValidatePageTable, AcceptsAConsistentTable) {
   EXPECT_THAT(ValidatePageTable(ValidTable()), IsOk());
   EXPECT_EQ(KVBufferBytes(ValidTable(), ValidTable().attention_groups[0]), 256u);
+  // A Mamba state layer needs no attention group.
+  RankPageTable state_only = ValidTable();
+  state_only.attention_groups[0].global_layer_ids = {0};
+  state_only.attention_groups[0].view.layers.pop_back();
+  EXPECT_THAT(ValidatePageTable(state_only), IsOk());
 }
 
 TEST(ValidatePageTable, RejectsMalformedPeerTables) {
@@ -114,6 +119,24 @@ TEST(ValidatePageTable, RejectsMalformedPeerTables) {
        },
        "attention_group=3"},
       {"bad topology", [](RankPageTable& t) { t.topology.tp_rank = 1; }, "tp_rank=1"},
+      // Regression: issue 8, semantics gap 2: a layer in two groups would be
+      // written twice, a layer in none never.
+      {"layer in two attention groups",
+       [](RankPageTable& t) {
+         AttentionGroup other = t.attention_groups[0];
+         other.global_layer_ids = {1};
+         other.view.layers.pop_back();
+         t.attention_groups.push_back(other);
+         t.slice_groups.clear();
+       },
+       "layer in two attention groups: layer=1 group=0 other_group=1"},
+      {"layer in no group",
+       [](RankPageTable& t) {
+         t.attention_groups[0].global_layer_ids = {0};
+         t.attention_groups[0].view.layers.pop_back();
+         t.state_groups.clear();
+       },
+       "layer in no attention group and not a state layer: layer=1 first=0 end=2"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

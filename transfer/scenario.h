@@ -58,7 +58,8 @@ struct GroupSpec {
   std::vector<int64_t> global_layer_ids;  // strictly increasing
 };
 
-// The model as both instances hold it.
+// The model as both instances hold it. Every layer is in exactly one group, except
+// state layers, which may be in none; no group is empty.
 struct ModelSpec {
   int64_t num_layers = 0;
   int64_t num_kv_heads = 0;
@@ -107,11 +108,34 @@ struct ScenarioRequest {
   std::optional<int64_t> generation_state_slot;
 };
 
+// What one PlanScenario call may build, checked before it builds it: a scenario
+// past a bound is refused with ResourceExhausted naming the bound and the numbers,
+// never half-built in memory. The defaults hold one call to a few hundred MiB and
+// about a second, far past any deployment (TP8 x PP8 to TP8 x PP8 of an 80-layer
+// model is about 20k layout entries and 8k rank pairs).
+struct ScenarioLimits {
+  // Page-table entries: each rank of either instance counts one per model group
+  // and PP stage and one per layer (and state layer) it holds; each planned rank
+  // pair counts again the entries of both its ranks' tables (what its planner reads).
+  int64_t max_layout_entries = int64_t{1} << 21;
+  // context ranks x generation ranks, each pair examined for overlap.
+  int64_t max_rank_pairs_examined = int64_t{1} << 22;
+  // Overlapping rank pairs planned, each a RankPairPlan.
+  int64_t max_rank_pairs_planned = int64_t{1} << 20;
+  // Fragments held in the RankPairPlan lists, over all pairs (40 bytes each).
+  int64_t max_fragments_held = int64_t{1} << 22;
+};
+
 struct Scenario {
   ModelSpec model;
   InstanceSpec context;
   InstanceSpec generation;
   ScenarioRequest request;
+  // Fragments each rank pair keeps in RankPairPlan::plan.fragments: the first ones of
+  // its plan; the counts and bytes always cover the whole plan, computed without
+  // building the rest (FragmentPlanner::Count). nullopt: every fragment. 0: counts only.
+  std::optional<int64_t> max_fragments_listed;
+  ScenarioLimits limits;
 };
 
 // The plan of one overlapping (context rank, generation rank) pair.
@@ -120,7 +144,10 @@ struct RankPairPlan {
   int64_t generation_rank = 0;
   bool writes = false;                  // false: a replica's empty write, still reported
   std::vector<MapperKind> group_kinds;  // per attention group
+  // plan.fragments: every fragment, or the first Scenario::max_fragments_listed;
+  // plan.fragments_before_coalescing and plan.total_bytes cover the whole plan.
   FragmentPlan plan;
+  int64_t fragments_after_coalescing = 0;  // of the whole plan, listed or not
 };
 
 struct ScenarioPlan {
@@ -136,11 +163,13 @@ struct ScenarioPlan {
 // side sends, `generation_slice` the generation side's request data (its suffix
 // lists, shorter by its cached prefix), both with one list per model group, as
 // cache_reuse::BuildSlice builds them (SEMANTICS.md section 4).
-// Errors: InvalidArgument for a malformed model, a slice whose group count differs
-// from the model's or that holds a negative block id (naming side, group and
-// index); those of BuildStandardPageTable, PairSliceBlocks, FragmentPlanner and
-// ComputePeerOverlap, with the rank pair named (a block id past an explicit
-// num_slots is OutOfRange).
+// Errors: InvalidArgument for a malformed model (a layer in no group or two), a
+// slice whose group count differs from the model's or that holds a negative block
+// id (naming side, group and index); ResourceExhausted for a scenario past one of
+// scenario.limits; OutOfRange for a block id of 2^63-1 with a default slot count
+// and for totals past 64 bits; those of BuildStandardPageTable, PairSliceBlocks,
+// FragmentPlanner and ComputePeerOverlap, with the rank pair named (a block id past
+// an explicit num_slots is OutOfRange).
 ABSL_MUST_USE_RESULT absl::StatusOr<ScenarioPlan> PlanScenario(
     const Scenario& scenario, const KVSlice& context_slice,
     const KVSlice& generation_slice);

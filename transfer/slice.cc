@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -51,7 +53,77 @@ absl::StatusOr<size_t> SuffixLength(const char* side, size_t len, int64_t total_
       " tpb=", options.tokens_per_block, " max=", total + 1));
 }
 
+// A repeated id in `ids` as a pairing error: "<side> block list repeats a block:
+// <where> block=B index=I other_index=J".
+absl::Status CheckDistinct(const char* side, absl::Span<const int64_t> ids,
+                           const std::string& where) {
+  const std::optional<RepeatedBlock> repeated = FindRepeatedBlock(ids);
+  if (!repeated) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      side, " block list repeats a block:", where, " block=", ids[repeated->first],
+      " index=", repeated->first, " other_index=", repeated->second));
+}
+
+// Step 7 on lists already checked.
+AlignedBlocks Align(absl::Span<const int64_t> src, int64_t src_start_token,
+                    absl::Span<const int64_t> dst, int64_t dst_start_token,
+                    int64_t tokens_per_block, int64_t floor_token) {
+  const int64_t overlap = std::max({src_start_token, dst_start_token, floor_token});
+  const int64_t src_skip = (overlap - src_start_token) / tokens_per_block;
+  const int64_t dst_skip = (overlap - dst_start_token) / tokens_per_block;
+  const int64_t n = std::min(static_cast<int64_t>(src.size()) - src_skip,
+                             static_cast<int64_t>(dst.size()) - dst_skip);
+  AlignedBlocks aligned;
+  if (n <= 0) return aligned;
+  aligned.src.assign(src.begin() + src_skip, src.begin() + src_skip + n);
+  aligned.dst.assign(dst.begin() + dst_skip, dst.begin() + dst_skip + n);
+  return aligned;
+}
+
 }  // namespace
+
+std::optional<RepeatedBlock> FindRepeatedBlock(absl::Span<const int64_t> ids) {
+  const size_t n = ids.size();
+  // Allocators often hand out increasing ids: no repeat possible, nothing allocated.
+  if (std::adjacent_find(ids.begin(), ids.end(), std::greater_equal<int64_t>()) ==
+      ids.end()) {
+    return std::nullopt;
+  }
+  const auto [lo_it, hi_it] = std::minmax_element(ids.begin(), ids.end());
+  const int64_t lo = *lo_it;
+  const int64_t hi = *hi_it;
+  // The earliest position j whose id occurred before; the first occurrence is found
+  // on the cold path.
+  size_t second = n;
+  const uint64_t range = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
+  if (range / 64 <= 4 * static_cast<uint64_t>(n)) {
+    // Dense ids (slots of one pool): a bitmap over [lo, hi].
+    std::vector<uint64_t> seen(range / 64 + 1, 0);
+    for (size_t j = 0; j < n && second == n; ++j) {
+      const uint64_t bit = static_cast<uint64_t>(ids[j]) - static_cast<uint64_t>(lo);
+      uint64_t& word = seen[bit / 64];
+      const uint64_t mask = uint64_t{1} << (bit % 64);
+      if (word & mask) second = j;
+      word |= mask;
+    }
+  } else {
+    // Sparse ids: sort (id, position); within each id the second-smallest position
+    // is where it repeats.
+    std::vector<std::pair<int64_t, size_t>> sorted(n);
+    for (size_t i = 0; i < n; ++i) sorted[i] = {ids[i], i};
+    std::sort(sorted.begin(), sorted.end());
+    for (size_t k = 1; k < n; ++k) {
+      if (sorted[k].first == sorted[k - 1].first &&
+          (k < 2 || sorted[k - 2].first != sorted[k].first)) {
+        second = std::min(second, sorted[k].second);
+      }
+    }
+  }
+  if (second == n) return std::nullopt;
+  const size_t first =
+      static_cast<size_t>(std::find(ids.begin(), ids.end(), ids[second]) - ids.begin());
+  return RepeatedBlock{first, second};
+}
 
 namespace slice_internal {
 
@@ -100,16 +172,9 @@ absl::StatusOr<AlignedBlocks> AlignBlocks(absl::Span<const int64_t> src,
         "start tokens must not be negative: src_start_token=", src_start_token,
         " dst_start_token=", dst_start_token, " floor_token=", floor_token));
   }
-  const int64_t overlap = std::max({src_start_token, dst_start_token, floor_token});
-  const int64_t src_skip = (overlap - src_start_token) / tokens_per_block;
-  const int64_t dst_skip = (overlap - dst_start_token) / tokens_per_block;
-  const int64_t n = std::min(static_cast<int64_t>(src.size()) - src_skip,
-                             static_cast<int64_t>(dst.size()) - dst_skip);
-  AlignedBlocks aligned;
-  if (n <= 0) return aligned;
-  aligned.src.assign(src.begin() + src_skip, src.begin() + src_skip + n);
-  aligned.dst.assign(dst.begin() + dst_skip, dst.begin() + dst_skip + n);
-  return aligned;
+  if (absl::Status s = CheckDistinct("source", src, ""); !s.ok()) return s;
+  if (absl::Status s = CheckDistinct("destination", dst, ""); !s.ok()) return s;
+  return Align(src, src_start_token, dst, dst_start_token, tokens_per_block, floor_token);
 }
 
 absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
@@ -153,6 +218,15 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
     absl::StatusOr<size_t> dst_len =
         SuffixLength("destination", dst_list.size(), total, options, g);
     if (!dst_len.ok()) return dst_len.status();
+    // A peer's list is checked whole: a repeated id is a broken list even where it
+    // would not move (draft tail, a prefix the other side holds).
+    if (absl::Status s = CheckDistinct("source", src_list, Where(options, g)); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckDistinct("destination", dst_list, Where(options, g));
+        !s.ok()) {
+      return s;
+    }
 
     GroupPairing& pairing = pairings[g];
     pairing.src_start_token = (total - static_cast<int64_t>(*src_len)) * tpb;
@@ -176,13 +250,12 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
       floor_token = blocks->stale_end * tpb;
     }
 
-    absl::StatusOr<AlignedBlocks> aligned =
-        AlignBlocks(absl::MakeConstSpan(src_list.data(), *src_len), pairing.src_start_token,
-                    absl::MakeConstSpan(dst_list.data(), *dst_len), pairing.dst_start_token,
-                    tpb, floor_token);
-    if (!aligned.ok()) return aligned.status();
-    pairing.src = std::move(aligned->src);
-    pairing.dst = std::move(aligned->dst);
+    AlignedBlocks aligned =
+        Align(absl::MakeConstSpan(src_list.data(), *src_len), pairing.src_start_token,
+              absl::MakeConstSpan(dst_list.data(), *dst_len), pairing.dst_start_token, tpb,
+              floor_token);
+    pairing.src = std::move(aligned.src);
+    pairing.dst = std::move(aligned.dst);
   }
   return pairings;
 }

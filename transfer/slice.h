@@ -24,6 +24,7 @@
 #ifndef KVX_TRANSFER_SLICE_H_
 #define KVX_TRANSFER_SLICE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -116,6 +117,20 @@ struct WindowBlocks {
 ABSL_MUST_USE_RESULT absl::StatusOr<WindowBlocks> ComputeWindowBlocks(
     int64_t prompt_len, std::optional<int64_t> window, int64_t tokens_per_block);
 
+// Two positions of one block id in a block list: first < second.
+struct RepeatedBlock {
+  size_t first = 0;
+  size_t second = 0;
+};
+
+// The repetition in `ids` with the smallest second position, nullopt when every id
+// is distinct. Within one request and layer group a block id names one slot, so a
+// repeated id would have two source blocks written into one destination slot (or
+// one source block into two): PairSliceBlocks and AlignBlocks reject it. O(n) for
+// increasing lists and for ids within a range of about 64 * n; O(n log n) and one
+// allocation of n pairs otherwise.
+std::optional<RepeatedBlock> FindRepeatedBlock(absl::Span<const int64_t> ids);
+
 // Two equally long lists: src[i] is written into dst[i].
 struct AlignedBlocks {
   BlockList src;
@@ -125,8 +140,9 @@ struct AlignedBlocks {
 // Section 5 step 7: `src` starts at token `src_start_token`, `dst` at
 // `dst_start_token`; pairs the blocks that cover the same tokens from
 // max(src_start_token, dst_start_token, floor_token) on. Start tokens need not be
-// block aligned (the skip is floored). Returns InvalidArgument for a negative token
-// or tokens_per_block <= 0.
+// block aligned (the skip is floored). Returns InvalidArgument for a negative token,
+// tokens_per_block <= 0 or a list that repeats a block id (naming the side, the id
+// and both positions).
 ABSL_MUST_USE_RESULT absl::StatusOr<AlignedBlocks> AlignBlocks(
     absl::Span<const int64_t> src, int64_t src_start_token,
     absl::Span<const int64_t> dst, int64_t dst_start_token, int64_t tokens_per_block,
@@ -165,8 +181,10 @@ struct GroupPairing {
 // the two slices or `options.windows` disagree on the number of groups; both
 // slices have token ranges that end at different tokens; a list is
 // longer than its suffix by more than one block (one trailing draft-token block is
-// dropped); a windowed group without options.prompt_len; a negative hint or prompt
-// length; tokens_per_block <= 0.
+// dropped); a list that holds one block id twice (either side, the whole list, draft
+// block included: "destination block list repeats a block: request=17 group=1
+// block=40 index=2 other_index=5"); a windowed group without options.prompt_len; a
+// negative hint or prompt length; tokens_per_block <= 0.
 ABSL_MUST_USE_RESULT absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(
     const KVSlice& src, const KVSlice& dst, const PairingOptions& options);
 

@@ -1,8 +1,10 @@
 #include "transfer/slice.h"
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -134,6 +136,48 @@ TEST(AlignBlocks, RejectsNegativeStartsAndBadBlockSize) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("tokens_per_block=-8")));
 }
 
+TEST(FindRepeatedBlock, FindsTheEarliestRepetitionOnEveryPath) {
+  const struct {
+    const char* name;
+    BlockList ids;
+    std::optional<std::pair<size_t, size_t>> want;
+  } kCases[] = {
+      {"empty", {}, std::nullopt},
+      {"one", {7}, std::nullopt},
+      {"increasing", {1, 5, 9}, std::nullopt},
+      {"dense permutation", {3, 1, 2, 0}, std::nullopt},
+      {"dense repeat", {3, 1, 2, 1, 3}, std::make_pair(size_t{1}, size_t{3})},
+      {"adjacent repeat", {4, 4}, std::make_pair(size_t{0}, size_t{1})},
+      {"sparse distinct", {int64_t{1} << 62, 0, int64_t{1} << 40}, std::nullopt},
+      {"sparse repeat",
+       {int64_t{1} << 62, 5, int64_t{1} << 40, 5, int64_t{1} << 62},
+       std::make_pair(size_t{1}, size_t{3})},
+      {"extremes", {std::numeric_limits<int64_t>::max(), 0, std::numeric_limits<int64_t>::max()},
+       std::make_pair(size_t{0}, size_t{2})},
+      {"negative ids", {-1, 3, -1}, std::make_pair(size_t{0}, size_t{2})},
+  };
+  for (const auto& c : kCases) {
+    SCOPED_TRACE(c.name);
+    const std::optional<RepeatedBlock> got = FindRepeatedBlock(c.ids);
+    ASSERT_EQ(got.has_value(), c.want.has_value());
+    if (!got) continue;
+    EXPECT_EQ(got->first, c.want->first);
+    EXPECT_EQ(got->second, c.want->second);
+  }
+}
+
+// Regression: issue 8, semantics gap 1 (two source blocks planned into one
+// destination slot).
+TEST(AlignBlocks, RejectsARepeatedBlockOnEitherSide) {
+  EXPECT_THAT(AlignBlocks({1, 2, 3}, 0, {7, 8, 7}, 0, 8),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("destination block list repeats a block"),
+                             HasSubstr("block=7 index=0 other_index=2"))));
+  EXPECT_THAT(AlignBlocks({1, 1}, 0, {7, 8}, 0, 8),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("source block list repeats a block: block=1")));
+}
+
 KVSlice OneGroupSlice(int64_t end, BlockList ids) {
   KVSlice slice;
   slice.token_range = TokenRange::Create(0, end).value();
@@ -240,6 +284,40 @@ TEST(PairSliceBlocks, RejectsSurplusOfTwoBlocks) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        AllOf(HasSubstr("source"), HasSubstr("request=17"),
                              HasSubstr("slice=2"), HasSubstr("end=16"))));
+}
+
+// Regression: issue 8, semantics gap 1. A peer's list naming one slot twice would
+// have two source blocks written into it; the whole list is checked, also where
+// nothing moves (the receiver's draft block, the sender's stale head).
+TEST(PairSliceBlocks, RejectsARepeatedBlockNamingGroupAndBothPositions) {
+  PairingOptions options = OneGroupOptions(std::nullopt);
+  options.request_id = 17;
+  options.slice_id = 2;
+  EXPECT_THAT(
+      PairSliceBlocks(OneGroupSlice(32, Iota(10, 4)), OneGroupSlice(32, {20, 21, 20, 23}),
+                      options),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("destination block list repeats a block: request=17 slice=2 "
+                         "group=0 block=20 index=0 other_index=2")));
+  EXPECT_THAT(
+      PairSliceBlocks(OneGroupSlice(32, Iota(10, 4)), OneGroupSlice(32, {20, 21, 22, 23, 21}),
+                      OneGroupOptions(std::nullopt)),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("destination block list repeats a block: group=0 block=21 index=1 "
+                         "other_index=4")));
+  KVSlice src = OneGroupSlice(32, {10, 11});
+  src.block_ids_per_layer_group.push_back({10, 11, 12, 11});
+  KVSlice dst = OneGroupSlice(32, {20, 21});
+  dst.block_ids_per_layer_group.push_back({30, 31});
+  options.windows = {std::nullopt, 16};
+  EXPECT_THAT(PairSliceBlocks(src, dst, options),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("source block list repeats a block: request=17 slice=2 "
+                                 "group=1 block=11 index=1 other_index=3")));
+  // The same id in two groups, or on both sides, is two different slots.
+  src.block_ids_per_layer_group[1] = {10, 11};
+  dst.block_ids_per_layer_group[1] = {10, 11};
+  EXPECT_THAT(PairSliceBlocks(src, dst, options), IsOk());
 }
 
 TEST(PairSliceBlocks, HonoursReceiverStartHint) {

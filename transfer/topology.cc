@@ -18,6 +18,63 @@ Span Intersect(const Span& a, const Span& b) {
   return s;
 }
 
+// The heads of TP rank `tp_rank` of a valid topology; O(1).
+absl::StatusOr<HeadShard> ShardOf(const Topology& t, int64_t tp_rank, const HeadModel& heads) {
+  if (heads.num_kv_heads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_kv_heads must be positive: num_kv_heads=", heads.num_kv_heads));
+  }
+  const int64_t num_heads = heads.is_mla ? 1 : heads.num_kv_heads;
+  if (t.attention_dp) return HeadShard{Span{0, num_heads}, 1};
+  if (heads.is_mla) return HeadShard{Span{0, 1}, t.tp_size};
+  if (t.tp_size <= num_heads) {
+    if (num_heads % t.tp_size != 0) {
+      return absl::UnimplementedError(
+          absl::StrCat("kv heads not divisible by tp size: num_kv_heads=", num_heads,
+                       " tp_size=", t.tp_size));
+    }
+    const int64_t per_rank = num_heads / t.tp_size;
+    return HeadShard{Span{tp_rank * per_rank, (tp_rank + 1) * per_rank}, 1};
+  }
+  if (t.tp_size % num_heads != 0) {
+    return absl::UnimplementedError(
+        absl::StrCat("tp size not divisible by kv heads: num_kv_heads=", num_heads,
+                     " tp_size=", t.tp_size));
+  }
+  const int64_t duplicates = t.tp_size / num_heads;
+  const int64_t head = tp_rank / duplicates;
+  return HeadShard{Span{head, head + 1}, duplicates};
+}
+
+// One side of a link: its topology (tp_rank set), heads and PP layer span.
+struct RankView {
+  const Topology* topology;
+  HeadShard shard;
+  Span layers;
+  int64_t dp_rank;
+};
+
+// LinkRanks on validated, precomputed views: O(1).
+RankLink Link(const RankView& sender, const RankView& receiver) {
+  RankLink link;
+  link.sender_duplicates = sender.shard.duplicates;
+  link.receiver_duplicates = receiver.shard.duplicates;
+  const Topology& s = *sender.topology;
+  const Topology& r = *receiver.topology;
+  if ((s.attention_dp && s.tp_rank != sender.dp_rank) ||
+      (r.attention_dp && r.tp_rank != receiver.dp_rank)) {
+    return link;
+  }
+  link.layers = Intersect(sender.layers, receiver.layers);
+  link.heads = Intersect(sender.shard.heads, receiver.shard.heads);
+  link.overlaps = link.layers.size() > 0 && link.heads.size() > 0;
+  // Replicas of the sender hold the same heads: the one whose index among them
+  // matches the receiver's TP rank writes, which spreads receivers over replicas.
+  const int64_t d = sender.shard.duplicates;
+  link.writes = link.overlaps && (d == 1 || s.tp_rank % d == r.tp_rank % d);
+  return link;
+}
+
 absl::Status CheckDpRank(const Topology& topology, int64_t dp_rank, const char* side) {
   if (topology.attention_dp && (dp_rank < 0 || dp_rank >= topology.tp_size)) {
     return absl::InvalidArgumentError(absl::StrCat("dp rank out of range: side=", side,
@@ -46,6 +103,11 @@ absl::Status ValidateTopology(const Topology& t) {
     return absl::InvalidArgumentError(
         absl::StrCat("invalid topology: tp_size=", t.tp_size, " tp_rank=", t.tp_rank,
                      " pp_size=", t.pp_size, " pp_rank=", t.pp_rank));
+  }
+  if (t.tp_size > kMaxInstanceRanks / t.pp_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("instance has too many ranks: tp_size=", t.tp_size,
+                     " pp_size=", t.pp_size, " max_ranks=", kMaxInstanceRanks));
   }
   if (static_cast<int64_t>(t.layers_per_pp_rank.size()) != t.pp_size) {
     return absl::InvalidArgumentError(
@@ -77,30 +139,7 @@ Span PpLayerSpan(const Topology& t) {
 
 absl::StatusOr<HeadShard> TpHeadShard(const Topology& t, const HeadModel& heads) {
   if (absl::Status s = ValidateTopology(t); !s.ok()) return s;
-  if (heads.num_kv_heads < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_kv_heads must be positive: num_kv_heads=", heads.num_kv_heads));
-  }
-  const int64_t num_heads = heads.is_mla ? 1 : heads.num_kv_heads;
-  if (t.attention_dp) return HeadShard{Span{0, num_heads}, 1};
-  if (heads.is_mla) return HeadShard{Span{0, 1}, t.tp_size};
-  if (t.tp_size <= num_heads) {
-    if (num_heads % t.tp_size != 0) {
-      return absl::UnimplementedError(
-          absl::StrCat("kv heads not divisible by tp size: num_kv_heads=", num_heads,
-                       " tp_size=", t.tp_size));
-    }
-    const int64_t per_rank = num_heads / t.tp_size;
-    return HeadShard{Span{t.tp_rank * per_rank, (t.tp_rank + 1) * per_rank}, 1};
-  }
-  if (t.tp_size % num_heads != 0) {
-    return absl::UnimplementedError(
-        absl::StrCat("tp size not divisible by kv heads: num_kv_heads=", num_heads,
-                     " tp_size=", t.tp_size));
-  }
-  const int64_t duplicates = t.tp_size / num_heads;
-  const int64_t head = t.tp_rank / duplicates;
-  return HeadShard{Span{head, head + 1}, duplicates};
+  return ShardOf(t, t.tp_rank, heads);
 }
 
 absl::StatusOr<RankLink> LinkRanks(const Topology& sender, const Topology& receiver,
@@ -119,21 +158,8 @@ absl::StatusOr<RankLink> LinkRanks(const Topology& sender, const Topology& recei
   if (absl::Status s = CheckDpRank(receiver, receiver_dp_rank, "receiver"); !s.ok()) {
     return s;
   }
-  RankLink link;
-  link.sender_duplicates = sender_shard->duplicates;
-  link.receiver_duplicates = receiver_shard->duplicates;
-  if ((sender.attention_dp && sender.tp_rank != sender_dp_rank) ||
-      (receiver.attention_dp && receiver.tp_rank != receiver_dp_rank)) {
-    return link;
-  }
-  link.layers = Intersect(PpLayerSpan(sender), PpLayerSpan(receiver));
-  link.heads = Intersect(sender_shard->heads, receiver_shard->heads);
-  link.overlaps = link.layers.size() > 0 && link.heads.size() > 0;
-  // Replicas of the sender hold the same heads: the one whose index among them
-  // matches the receiver's TP rank writes, which spreads receivers over replicas.
-  const int64_t d = sender_shard->duplicates;
-  link.writes = link.overlaps && (d == 1 || sender.tp_rank % d == receiver.tp_rank % d);
-  return link;
+  return Link(RankView{&sender, *sender_shard, PpLayerSpan(sender), sender_dp_rank},
+              RankView{&receiver, *receiver_shard, PpLayerSpan(receiver), receiver_dp_rank});
 }
 
 absl::StatusOr<std::vector<PeerLink>> ComputePeerOverlap(const Topology& self,
@@ -145,23 +171,41 @@ absl::StatusOr<std::vector<PeerLink>> ComputePeerOverlap(const Topology& self,
   Topology peer_rank = peer;
   peer_rank.tp_rank = 0;
   peer_rank.pp_rank = 0;
-  if (absl::Status s = ValidateTopology(peer_rank); !s.ok()) return s;
+  // The peer's topology may come off the wire: validate it once and walk its ranks
+  // in O(ranks + stages), not O(ranks x stages).
+  absl::StatusOr<HeadShard> self_shard = TpHeadShard(self, heads);
+  if (!self_shard.ok()) return self_shard.status();
+  absl::StatusOr<HeadShard> peer_shard = TpHeadShard(peer_rank, heads);
+  if (!peer_shard.ok()) return peer_shard.status();
+  const bool send = direction == Direction::kSend;
+  if (TotalLayers(self) != TotalLayers(peer_rank)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "instances disagree on the layer count: sender_layers=",
+        TotalLayers(send ? self : peer_rank),
+        " receiver_layers=", TotalLayers(send ? peer_rank : self)));
+  }
+  const char* self_side = send ? "sender" : "receiver";
+  const char* peer_side = send ? "receiver" : "sender";
+  if (absl::Status s = CheckDpRank(self, dp_ranks.self, self_side); !s.ok()) return s;
+  if (absl::Status s = CheckDpRank(peer_rank, dp_ranks.peer, peer_side); !s.ok()) return s;
+  const RankView self_view{&self, *self_shard, PpLayerSpan(self), dp_ranks.self};
   std::vector<PeerLink> links;
+  int64_t first_layer = 0;
   for (int64_t pp = 0; pp < peer.pp_size; ++pp) {
+    const Span peer_layers{first_layer, first_layer + peer.layers_per_pp_rank[pp]};
+    first_layer = peer_layers.end;
     for (int64_t tp = 0; tp < peer.tp_size; ++tp) {
       peer_rank.pp_rank = pp;
       peer_rank.tp_rank = tp;
-      absl::StatusOr<RankLink> link =
-          direction == Direction::kSend
-              ? LinkRanks(self, peer_rank, heads, dp_ranks.self, dp_ranks.peer)
-              : LinkRanks(peer_rank, self, heads, dp_ranks.peer, dp_ranks.self);
-      if (!link.ok()) return link.status();
-      if (!link->overlaps) continue;
-      const bool send = direction == Direction::kSend;
+      // Cannot fail: tp rank 0's shard was computed above with the same sizes.
+      const RankView peer_view{&peer_rank, *ShardOf(peer_rank, tp, heads), peer_layers,
+                               dp_ranks.peer};
+      const RankLink link = send ? Link(self_view, peer_view) : Link(peer_view, self_view);
+      if (!link.overlaps) continue;
       links.push_back(PeerLink{
-          pp * peer.tp_size + tp, tp, pp, link->layers, link->heads, link->writes,
-          send ? link->sender_duplicates : link->receiver_duplicates,
-          send ? link->receiver_duplicates : link->sender_duplicates});
+          pp * peer.tp_size + tp, tp, pp, link.layers, link.heads, link.writes,
+          send ? link.sender_duplicates : link.receiver_duplicates,
+          send ? link.receiver_duplicates : link.sender_duplicates});
     }
   }
   return links;

@@ -63,14 +63,19 @@ struct Span {
   int64_t size() const { return end - first; }
 };
 
+// The most ranks (tp_size x pp_size) one instance may have: far past any deployment,
+// and a bound on the work a peer's topology can cause (ComputePeerOverlap walks
+// every peer rank).
+inline constexpr int64_t kMaxInstanceRanks = 65536;
+
 // The rank (tp_rank, pp_rank) of a tp_size x layers_per_pp_rank.size() instance
 // without attention DP. Does not validate.
 Topology MakeTopology(int64_t tp_size, std::vector<int64_t> layers_per_pp_rank,
                       int64_t tp_rank = 0, int64_t pp_rank = 0);
 
 // Returns InvalidArgument (naming the field) when sizes are < 1, a rank is out of
-// range, layers_per_pp_rank has the wrong length or a non-positive entry, or the
-// total layer count overflows.
+// range, tp_size x pp_size exceeds kMaxInstanceRanks, layers_per_pp_rank has the
+// wrong length or a non-positive entry, or the total layer count overflows.
 ABSL_MUST_USE_RESULT absl::Status ValidateTopology(const Topology& topology);
 
 // Sum of layers_per_pp_rank. REQUIRES: ValidateTopology(topology).ok().
@@ -118,7 +123,8 @@ struct PeerLink {
 // For rank `self` and the peer instance `peer` (its tp_rank/pp_rank are ignored),
 // every peer rank whose layers, heads and DP rank overlap self's, in rank order.
 // Each receiver has exactly one writing sender per (layer, head). Empty when self
-// holds nothing of the request (attention DP on another DP rank).
+// holds nothing of the request (attention DP on another DP rank). O(peer ranks +
+// PP stages), so a peer's topology costs at most kMaxInstanceRanks steps.
 // Errors: those of ValidateTopology and TpHeadShard, and InvalidArgument when the
 // two instances disagree on the total layer count or a DP rank is out of range.
 ABSL_MUST_USE_RESULT absl::StatusOr<std::vector<PeerLink>> ComputePeerOverlap(

@@ -12,6 +12,7 @@
 namespace kvx::transfer {
 namespace {
 
+using ::kvx::testing::IsOk;
 using ::kvx::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -192,6 +193,36 @@ TEST(ComputePeerOverlap, RejectsMismatchedInstances) {
   EXPECT_THAT(ComputePeerOverlap(Make(2, 0, {4}, 0, true), Make(1, 0, {4}), {8, false},
                                  Direction::kSend, {5, 0}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dp_rank=5")));
+}
+
+// Regression: issue 8, finding 3 (65,536 ranks). A peer's topology is untrusted:
+// its size is bounded, and walking it is linear in its ranks and stages.
+TEST(ValidateTopology, BoundsTheRanksOfAnInstance) {
+  EXPECT_THAT(ValidateTopology(Make(kMaxInstanceRanks, 0, {4})), IsOk());
+  EXPECT_THAT(ValidateTopology(Make(kMaxInstanceRanks, 0, {4, 4})),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("instance has too many ranks: tp_size=65536 pp_size=2 "
+                                 "max_ranks=65536")));
+  Topology huge = Make(int64_t{1} << 40, 0, {4});
+  huge.pp_size = int64_t{1} << 40;
+  EXPECT_THAT(ValidateTopology(huge), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               HasSubstr("max_ranks=65536")));
+}
+
+TEST(ComputePeerOverlap, WalksAWideAndDeepPeerInLinearTime) {
+  // 65536 one-layer stages: quadratic work here was 4e9 steps.
+  const std::vector<int64_t> stages(kMaxInstanceRanks, 1);
+  ASSERT_OK_AND_ASSIGN(std::vector<PeerLink> links,
+                       ComputePeerOverlap(Make(1, 0, {kMaxInstanceRanks}), Make(1, 0, stages),
+                                          {8, false}, Direction::kSend, {}));
+  ASSERT_EQ(links.size(), stages.size());
+  EXPECT_EQ(links.back().peer_pp_rank, kMaxInstanceRanks - 1);
+  EXPECT_EQ(links.back().layers.first, kMaxInstanceRanks - 1);
+  ASSERT_OK_AND_ASSIGN(links, ComputePeerOverlap(Make(1, 0, stages, 7), Make(8, 0, {65536}),
+                                                 {8, false}, Direction::kReceive, {}));
+  ASSERT_EQ(links.size(), 8u);
+  EXPECT_EQ(links[3].layers.first, 7);
+  EXPECT_EQ(links[3].heads.first, 3);
 }
 
 }  // namespace
