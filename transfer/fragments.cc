@@ -94,14 +94,14 @@ SlotMap BuildGroupMap(const RankPageTable& src, const RankPageTable& dst, size_t
   const SlotPiece& first = map.pieces.front();
   if (map.pieces.size() == 1 && first.src_offset == 0 && first.dst_offset == 0 &&
       first.bytes == map.src_slot_bytes && first.bytes == map.dst_slot_bytes) {
-    map.kind = transfer_internal::MapperKind::kWholeSlot;
+    map.kind = MapperKind::kWholeSlot;
     map.pieces_before_coalescing = 1;
   } else if (link.heads.size() == src_shard.heads.size() &&
              link.heads.size() == dst_shard.heads.size()) {
-    map.kind = transfer_internal::MapperKind::kLayerRun;
+    map.kind = MapperKind::kLayerRun;
     map.pieces_before_coalescing = static_cast<int64_t>(map.pieces.size());
   } else {
-    map.kind = transfer_internal::MapperKind::kHeadRun;
+    map.kind = MapperKind::kHeadRun;
     map.pieces_before_coalescing = raw_pieces;
   }
   return map;
@@ -144,7 +144,7 @@ absl::Status BuildStateMaps(const RankPageTable& src, const RankPageTable& dst,
         ++map.pieces_before_coalescing;
       });
       if (!status.ok()) return status;
-      if (!map.pieces.empty()) map.kind = transfer_internal::MapperKind::kLayerRun;
+      if (!map.pieces.empty()) map.kind = MapperKind::kLayerRun;
       maps->push_back(std::move(map));
     }
   }
@@ -361,9 +361,9 @@ absl::StatusOr<PlanCounts> EmitPlan(const std::vector<SlotMap>& groups,
     }
     if (absl::Status s = CheckBlocks(map, pairing, context, g); !s.ok()) return s;
     if (!CountBlocks(map, pairing.src.size(), &counts)) return CountOverflow(context, "group", g);
-    if (map.kind == transfer_internal::MapperKind::kWholeSlot) {
+    if (map.kind == MapperKind::kWholeSlot) {
       EmitWholeSlotRuns(map, pairing, sink);
-    } else if (map.kind != transfer_internal::MapperKind::kNone) {
+    } else if (map.kind != MapperKind::kNone) {
       for (size_t i = 0; i < pairing.src.size(); ++i) {
         sink.AddBlock(map, pairing.src[i], pairing.dst[i]);
       }
@@ -400,6 +400,12 @@ void AppendCoalesced(const Fragment& fragment, std::vector<Fragment>* out) {
   out->push_back(fragment);
 }
 
+struct FragmentPlanner::Maps {
+  std::vector<SlotMap> groups;        // per attention group
+  std::vector<int64_t> slice_groups;  // RankPageTable::slice_groups, identity if empty
+  std::vector<SlotMap> states;
+};
+
 absl::StatusOr<FragmentPlanner> FragmentPlanner::Create(const RankPageTable& src,
                                                         const RankPageTable& dst) {
   if (absl::Status s = ValidatePageTable(src); !s.ok()) {
@@ -416,25 +422,28 @@ absl::StatusOr<FragmentPlanner> FragmentPlanner::Create(const RankPageTable& src
   // Both shards are valid: ValidatePageTable computed them.
   const HeadShard src_shard = *TpHeadShard(src.topology, heads);
   const HeadShard dst_shard = *TpHeadShard(dst.topology, heads);
+  auto maps = std::make_shared<Maps>();
+  maps->groups.reserve(src.attention_groups.size());
+  for (size_t g = 0; g < src.attention_groups.size(); ++g) {
+    maps->groups.push_back(BuildGroupMap(src, dst, g, *link, src_shard, dst_shard));
+  }
+  maps->slice_groups = src.slice_groups;
+  if (maps->slice_groups.empty()) {
+    for (size_t g = 0; g < src.attention_groups.size(); ++g) {
+      maps->slice_groups.push_back(static_cast<int64_t>(g));
+    }
+  }
+  if (absl::Status s = BuildStateMaps(src, dst, link->writes, &maps->states); !s.ok()) {
+    return s;
+  }
   FragmentPlanner planner;
   planner.overlaps_ = link->overlaps;
   planner.writes_ = link->writes;
-  planner.groups_.reserve(src.attention_groups.size());
-  for (size_t g = 0; g < src.attention_groups.size(); ++g) {
-    planner.groups_.push_back(BuildGroupMap(src, dst, g, *link, src_shard, dst_shard));
-  }
-  planner.slice_groups_ = src.slice_groups;
-  if (planner.slice_groups_.empty()) {
-    for (size_t g = 0; g < src.attention_groups.size(); ++g) {
-      planner.slice_groups_.push_back(static_cast<int64_t>(g));
-    }
-  }
-  if (absl::Status s = BuildStateMaps(src, dst, link->writes, &planner.states_);
-      !s.ok()) {
-    return s;
-  }
+  planner.maps_ = std::move(maps);
   return planner;
 }
+
+MapperKind FragmentPlanner::group_kind(size_t group) const { return maps_->groups[group].kind; }
 
 absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
                                        const PlanContext& context,
@@ -444,7 +453,7 @@ absl::Status FragmentPlanner::PlanInto(absl::Span<const GroupPairing> pairings,
   plan->total_bytes = 0;
   ListSink sink(&plan->fragments);
   absl::StatusOr<PlanCounts> counts =
-      EmitPlan(groups_, slice_groups_, states_, pairings, context, sink);
+      EmitPlan(maps_->groups, maps_->slice_groups, maps_->states, pairings, context, sink);
   if (!counts.ok()) {
     plan->fragments.clear();
     return counts.status();
@@ -461,7 +470,7 @@ absl::StatusOr<PlanCounts> FragmentPlanner::Count(absl::Span<const GroupPairing>
   if (first != nullptr) first->clear();
   CountSink sink(max_listed, first);
   absl::StatusOr<PlanCounts> counts =
-      EmitPlan(groups_, slice_groups_, states_, pairings, context, sink);
+      EmitPlan(maps_->groups, maps_->slice_groups, maps_->states, pairings, context, sink);
   if (!counts.ok() && first != nullptr) first->clear();
   return counts;
 }

@@ -37,6 +37,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -44,7 +45,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "transfer/internal/slot_map.h"
 #include "transfer/page_table.h"
 #include "transfer/slice.h"
 #include "transfer/topology.h"
@@ -70,7 +70,9 @@ struct Fragment {
 // source and destination continue that one (same pools, offsets adjacent).
 void AppendCoalesced(const Fragment& fragment, std::vector<Fragment>* out);
 
-using MapperKind = transfer_internal::MapperKind;
+// How a layer group of a rank pair is mapped (see the file comment); kNone: no
+// common layers, or this sender does not write.
+enum class MapperKind { kNone, kWholeSlot, kLayerRun, kHeadRun };
 
 // The writes of one request (or slice) from one sender rank to one receiver rank.
 struct FragmentPlan {
@@ -114,7 +116,7 @@ class FragmentPlanner {
 
   // How group `group` is mapped (kNone: no common layers or no write).
   // REQUIRES: group < number of attention groups.
-  MapperKind group_kind(size_t group) const { return groups_[group].kind; }
+  MapperKind group_kind(size_t group) const;
 
   // Replaces `plan` with the writes for `pairings` (one entry per slice group, as
   // PairSliceBlocks returns; see RankPageTable::slice_groups), keeping its vector's
@@ -143,11 +145,13 @@ class FragmentPlanner {
  private:
   FragmentPlanner() = default;
 
+  // The per-group and per-state slot maps (fragments.cc): immutable after Create,
+  // shared by copies.
+  struct Maps;
+
   bool overlaps_ = false;
   bool writes_ = false;
-  std::vector<transfer_internal::SlotMap> groups_;  // per attention group
-  std::vector<int64_t> slice_groups_;  // RankPageTable::slice_groups, identity if empty
-  std::vector<transfer_internal::SlotMap> states_;
+  std::shared_ptr<const Maps> maps_;
 };
 
 // Defense in depth for a plan from elsewhere: every fragment is nonempty and lies

@@ -125,17 +125,17 @@ std::optional<RepeatedBlock> FindRepeatedBlock(absl::Span<const int64_t> ids) {
   return RepeatedBlock{first, second};
 }
 
-namespace slice_internal {
-
-absl::Status CheckRange(const char* what, int64_t start, int64_t end) {
+template <typename Unit>
+absl::StatusOr<HalfOpenRange<Unit>> HalfOpenRange<Unit>::Create(int64_t start, int64_t end) {
   if (start < 0 || end < 0 || start >= end) {
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " must satisfy 0 <= start < end: start=", start, " end=", end));
+        Unit::kName, " must satisfy 0 <= start < end: start=", start, " end=", end));
   }
-  return absl::OkStatus();
+  return HalfOpenRange(start, end);
 }
 
-}  // namespace slice_internal
+template class HalfOpenRange<TokenUnit>;
+template class HalfOpenRange<LayerUnit>;
 
 absl::StatusOr<WindowBlocks> ComputeWindowBlocks(int64_t prompt_len,
                                                  std::optional<int64_t> window,

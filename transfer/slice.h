@@ -40,11 +40,6 @@ namespace kvx::transfer {
 // A sequence of physical block (slot) ids of one layer group.
 using BlockList = std::vector<int64_t>;
 
-namespace slice_internal {
-// Shared by both range kinds so that their rules and messages cannot drift.
-absl::Status CheckRange(const char* what, int64_t start, int64_t end);
-}  // namespace slice_internal
-
 // The half-open interval [start, end) of positions of one kind: `Unit` names it
 // (TokenUnit, LayerUnit). Never empty: an empty transfer is expressed by empty
 // block lists (SEMANTICS.md section 1).
@@ -52,12 +47,10 @@ template <typename Unit>
 class HalfOpenRange {
  public:
   // Returns InvalidArgument when start < 0, end < 0 or start >= end.
+  // (Defined in slice.cc for TokenUnit and LayerUnit, so both kinds share one set
+  // of rules and messages.)
   ABSL_MUST_USE_RESULT static absl::StatusOr<HalfOpenRange> Create(int64_t start,
-                                                                   int64_t end) {
-    absl::Status valid = slice_internal::CheckRange(Unit::kName, start, end);
-    if (!valid.ok()) return valid;
-    return HalfOpenRange(start, end);
-  }
+                                                                   int64_t end);
 
   int64_t start() const { return start_; }
   int64_t end() const { return end_; }
@@ -82,6 +75,9 @@ struct TokenUnit {
 struct LayerUnit {
   static constexpr char kName[] = "layer range";
 };
+
+extern template class HalfOpenRange<TokenUnit>;
+extern template class HalfOpenRange<LayerUnit>;
 
 // Token positions [start, end).
 using TokenRange = HalfOpenRange<TokenUnit>;

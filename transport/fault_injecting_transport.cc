@@ -12,12 +12,12 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "transport/internal/mutex.h"
+#include "sync/mutex.h"
 #include "transport/transport.h"
 
 namespace kvx::transport {
 
-using transport_internal::MutexLock;
+using sync::MutexLock;
 
 FaultInjectingTransport::FaultInjectingTransport(std::unique_ptr<Transport> inner,
                                                  std::function<absl::Time()> clock)

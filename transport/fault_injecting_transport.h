@@ -34,7 +34,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "transport/internal/mutex.h"
+#include "sync/mutex.h"
 #include "transport/transport.h"
 
 namespace kvx::transport {
@@ -101,8 +101,8 @@ class FaultInjectingTransport final : public Transport {
   const std::unique_ptr<Transport> inner_;
   const std::function<absl::Time()> clock_;
 
-  transport_internal::Mutex mu_;
-  transport_internal::CondVar cv_;
+  sync::Mutex mu_;
+  sync::CondVar cv_;
   int64_t writes_seen_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<int64_t> fail_write_ ABSL_GUARDED_BY(mu_);
   absl::Duration delay_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();

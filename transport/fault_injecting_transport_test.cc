@@ -9,7 +9,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
-#include "transport/internal/mutex.h"
+#include "sync/mutex.h"
 #include "transport/loopback/loopback_transport.h"
 #include "transport/transport.h"
 
@@ -26,16 +26,16 @@ constexpr char kGuard = 'g';
 class FakeClock {
  public:
   absl::Time Now() {
-    transport_internal::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     return now_;
   }
   void Advance(absl::Duration d) {
-    transport_internal::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     now_ += d;
   }
 
  private:
-  transport_internal::Mutex mu_;
+  sync::Mutex mu_;
   absl::Time now_ ABSL_GUARDED_BY(mu_) = absl::Now();
 };
 

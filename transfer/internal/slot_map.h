@@ -10,9 +10,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "transfer/fragments.h"
+
 namespace kvx::transfer_internal {
 
-enum class MapperKind { kNone, kWholeSlot, kLayerRun, kHeadRun };
+using transfer::MapperKind;
 
 // Bytes [src_offset, +bytes) of a source slot go to [dst_offset, +bytes) of a
 // destination slot.
