@@ -4,6 +4,7 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <initializer_list>
 #include <new>
@@ -101,13 +102,33 @@ constexpr uint8_t kPoolRoleMambaState = 2;
 // Encoding.
 
 // The output stream msgpack::packer writes to.
+// Grows by doubling and copies small writes inline: the packer writes each value
+// as 1 to 9 bytes, and an out-of-line call per value (std::string::append, or
+// memcpy of a variable size) was most of the encoding time.
 class StringWriter {
  public:
-  explicit StringWriter(std::string* out) : out_(out) {}
-  void write(const char* data, size_t size) { out_->append(data, size); }
+  void write(const char* data, size_t size) {
+    if (size == 0) return;  // msgpack passes null data for empty bodies
+    if (size > buffer_.size() - used_) {
+      buffer_.resize(std::max(2 * buffer_.size(), used_ + size));
+    }
+    char* out = &buffer_[used_];
+    if (size <= 16) {
+      for (size_t i = 0; i < size; ++i) out[i] = data[i];
+    } else {
+      std::memcpy(out, data, size);
+    }
+    used_ += size;
+  }
+
+  std::string Take() && {
+    buffer_.resize(used_);
+    return std::move(buffer_);
+  }
 
  private:
-  std::string* out_;
+  std::string buffer_ = std::string(64, '\0');
+  size_t used_ = 0;
 };
 
 using Packer = msgpack::packer<StringWriter>;
@@ -556,9 +577,22 @@ void ReadList(Decoder* d, const Value& v, Budget* budget, std::vector<T>* out,
   }
 }
 
-// A list of int64 of any sign (checked later by ValidatePageTable).
-void ReadInts(Decoder* d, const Value& v, Budget* budget, std::vector<int64_t>* out) {
-  ReadList(d, v, budget, out, [d](const Value& x, int64_t* o) { ReadInt64(d, x, o); });
+// A list of int64: ids (>= 0, `noun` naming them in errors) or, with a null noun,
+// any sign (page table entries, which ValidatePageTable checks). The common
+// element, a uint that fits, takes the inline path: block id lists are the bulk of
+// every RequestData.
+void ReadInts(Decoder* d, const Value& v, Budget* budget, const char* noun,
+              std::vector<int64_t>* out) {
+  ReadList(d, v, budget, out, [d, noun](const Value& x, int64_t* o) {
+    if (x.object->type == msgpack::type::POSITIVE_INTEGER &&
+        x.object->via.u64 <= static_cast<uint64_t>(INT64_MAX)) {
+      *o = static_cast<int64_t>(x.object->via.u64);
+    } else if (noun != nullptr) {
+      ReadId(d, x, noun, o);
+    } else {
+      ReadInt64(d, x, o);
+    }
+  });
 }
 
 void ReadTopology(Decoder* d, const Value& v, Budget* layers, Topology* t) {
@@ -567,7 +601,7 @@ void ReadTopology(Decoder* d, const Value& v, Budget* layers, Topology* t) {
   ReadInt64(d, r.Next(), &t->tp_rank);
   ReadInt64(d, r.Next(), &t->pp_size);
   ReadInt64(d, r.Next(), &t->pp_rank);
-  ReadInts(d, r.Next(), layers, &t->layers_per_pp_rank);
+  ReadInts(d, r.Next(), layers, nullptr, &t->layers_per_pp_rank);
   ReadBool(d, r.Next(), &t->attention_dp);
 }
 
@@ -589,7 +623,7 @@ void ReadAttentionGroup(Decoder* d, const Value& v, Budget* layers,
   ReadOptional(d, r.Next(), &group->window,
                [d](const Value& x, int64_t* o) { ReadInt64(d, x, o); });
   ReadInt64(d, r.Next(), &group->kv_heads_per_rank);
-  ReadInts(d, r.Next(), layers, &group->global_layer_ids);
+  ReadInts(d, r.Next(), layers, nullptr, &group->global_layer_ids);
   Record view(d, r.Next(), kPoolViewFields);
   ReadInt64(d, view.Next(), &group->view.pool_index);
   ReadList(d, view.Next(), layers, &group->view.layers,
@@ -602,7 +636,7 @@ void ReadAttentionGroup(Decoder* d, const Value& v, Budget* layers,
 
 void ReadStateGroup(Decoder* d, const Value& v, Budget* layers, StateGroup* group) {
   Record r(d, v, kStateGroupFields);
-  ReadInts(d, r.Next(), layers, &group->global_layer_ids);
+  ReadInts(d, r.Next(), layers, nullptr, &group->global_layer_ids);
   ReadInt64(d, r.Next(), &group->pool_index);
   ReadList(d, r.Next(), layers, &group->layers, [d](const Value& x, StateBuffer* buffer) {
     Record b(d, x, kStateBufferFields);
@@ -632,7 +666,7 @@ void ReadPageTable(Decoder* d, const Value& v, RankPageTable* table) {
       [&](const Value& x, AttentionGroup* g) { ReadAttentionGroup(d, x, &layers, g); });
   ReadList(d, r.Next(), &state_groups, &table->state_groups,
            [&](const Value& x, StateGroup* g) { ReadStateGroup(d, x, &layers, g); });
-  ReadInts(d, r.Next(), &slice_groups, &table->slice_groups);
+  ReadInts(d, r.Next(), &slice_groups, nullptr, &table->slice_groups);
   ReadInt64(d, r.Next(), &table->tokens_per_block);
   ReadInt64(d, r.Next(), &table->head_size);
   ReadInt64(d, r.Next(), &table->element_bytes);
@@ -710,8 +744,7 @@ void Read(Decoder* d, Record& r, RequestData* m) {
   Budget block_ids{limits.max_block_ids, "max_block_ids", "block ids"};
   ReadList(d, r.Next(), &groups, &m->block_ids_per_group,
            [&](const Value& list, BlockList* ids) {
-             ReadList(d, list, &block_ids, ids,
-                      [d](const Value& x, int64_t* id) { ReadId(d, x, "block id", id); });
+             ReadInts(d, list, &block_ids, "block id", ids);
            });
   ReadOptionalId(d, r.Next(), "token position", &m->dst_start_token);
   ReadOptionalId(d, r.Next(), "slot", &m->aux_slot);
@@ -759,8 +792,7 @@ void Read(Decoder* d, Record& r, AuxTokens* m) {
   ReadId(d, r.Next(), "rank", &m->sender_rank);
   ReadOptionalId(d, r.Next(), "slot", &m->aux_slot);
   Budget tokens{d->limits().max_aux_tokens, "max_aux_tokens", "tokens"};
-  ReadList(d, r.Next(), &tokens, &m->tokens,
-           [d](const Value& x, int64_t* token) { ReadId(d, x, "token id", token); });
+  ReadInts(d, r.Next(), &tokens, "token id", &m->tokens);
 }
 
 void Read(Decoder* d, Record& r, Cancel* m) {
@@ -993,11 +1025,10 @@ absl::string_view MessageKindName(const Message& message) {
 }
 
 std::string EncodeMessage(const Message& message) {
-  std::string out;
-  StringWriter writer(&out);
+  StringWriter writer;
   Packer packer(writer);
   std::visit([&](const auto& m) { Pack(packer, message, m); }, message);
-  return out;
+  return std::move(writer).Take();
 }
 
 absl::StatusOr<Message> DecodeMessage(absl::string_view bytes,
