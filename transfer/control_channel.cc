@@ -130,8 +130,8 @@ struct ControlChannel::Impl {
   absl::flat_hash_map<std::string, zmq::socket_t> peers;
 
   absl::StatusOr<zmq::socket_t*> Peer(absl::string_view peer_address);
-  // Receives what has arrived without waiting, up to the per-Poll bound; returns
-  // how many it appended.
+  // Receives what has arrived without waiting, at most `budget` messages; returns
+  // how many it appended (foreign, multi-frame messages are dropped).
   absl::StatusOr<size_t> Drain(size_t budget, std::vector<Incoming>* out);
   void ConsumeWake();
 };
@@ -165,7 +165,9 @@ absl::StatusOr<size_t> ControlChannel::Impl::Drain(size_t budget,
                                                    std::vector<Incoming>* out) {
   size_t appended = 0;
   try {
-    while (appended < budget) {
+    // Bounded by messages received, dropped ones included, so that a flood of
+    // foreign messages cannot keep the owner thread here either.
+    for (size_t received = 0; received < budget; ++received) {
       zmq::message_t from;
       if (!router.recv(from, zmq::recv_flags::dontwait)) break;  // nothing more
       // A ROUTER delivers [routing id, frames...] atomically: the rest is there.

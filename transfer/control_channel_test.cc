@@ -15,6 +15,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/status_matchers.h"
+#include "zmq.hpp"
 
 namespace kvx::transfer {
 namespace {
@@ -287,6 +288,26 @@ TEST(ControlChannel, DisconnectDropsWhatIsQueued) {
   EXPECT_THAT(b->Poll(absl::InfinitePast(), &in), IsOk());
   ASSERT_EQ(in.size(), 1u);
   EXPECT_EQ(in[0].bytes, "fresh");
+}
+
+TEST(ControlChannel, DropsForeignMultiFrameMessages) {
+  std::unique_ptr<ControlChannel> b = MustCreate();
+  ASSERT_NE(b, nullptr);
+  // A peer that is not a ControlChannel: a bare DEALER sending three frames, then
+  // one.
+  zmq::context_t context;
+  zmq::socket_t foreign(context, zmq::socket_type::dealer);
+  foreign.set(zmq::sockopt::routing_id, "foreign");
+  foreign.set(zmq::sockopt::linger, 0);
+  foreign.connect(b->address());
+  ASSERT_TRUE(foreign.send(zmq::str_buffer("one"), zmq::send_flags::sndmore));
+  ASSERT_TRUE(foreign.send(zmq::str_buffer("two"), zmq::send_flags::sndmore));
+  ASSERT_TRUE(foreign.send(zmq::str_buffer("three"), zmq::send_flags::none));
+  ASSERT_TRUE(foreign.send(zmq::str_buffer("single"), zmq::send_flags::none));
+  std::vector<Incoming> in = ReceiveAtLeast(*b, 1);
+  ASSERT_EQ(in.size(), 1u);
+  EXPECT_EQ(in[0].from, "foreign");
+  EXPECT_EQ(in[0].bytes, "single");
 }
 
 TEST(ControlChannel, FullQueueIsResourceExhausted) {
