@@ -1,7 +1,8 @@
 """Repository rules that show Debian's system libraries to Bazel.
 
-Nothing is downloaded: each repository symlinks the header directories a package
-installed under /usr/include and pairs them with a build file from third_party/.
+Nothing is downloaded: each repository symlinks the header directories (or single
+headers) a package installed under /usr/include and pairs them with a build file
+from third_party/.
 A missing directory fails the fetch with the package that provides it, instead of
 a compiler error far away.
 """
@@ -19,7 +20,7 @@ system_library = repository_rule(
     attrs = {
         "includes": attr.string_list(
             mandatory = True,
-            doc = "Paths under /usr/include to expose, e.g. ['absl'].",
+            doc = "Paths under /usr/include to expose, directories or single headers, e.g. ['absl'] or ['zmq.h'].",
         ),
         "build_file": attr.label(mandatory = True, allow_single_file = True),
         "package": attr.string(mandatory = True, doc = "Debian package that provides them."),

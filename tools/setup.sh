@@ -9,6 +9,7 @@ packages=(
   g++ clang libclang-rt-dev
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   libfabric-dev libfabric-bin
+  libzmq3-dev cppzmq-dev libmsgpack-cxx-dev
 )
 
 missing=()

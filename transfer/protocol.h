@@ -25,12 +25,16 @@
 //   std::string bytes = EncodeMessage(message);
 //   absl::StatusOr<Message> decoded = DecodeMessage(bytes);  // strict and bounded
 //
-// Decoding is strict and bounded: an unknown kind or version, a missing field or
-// one of the wrong type, a list or string over its limit, a negative id, trailing
-// bytes, or a page table that fails ValidatePageTable is InvalidArgument naming the
-// message kind and field; msgpack's own limits (depth, array, map, string sizes)
-// stop a hostile message before it allocates. Decoding never throws and never
-// crashes.
+// Decoding is strict and bounded: an unknown kind or version, a missing, extra or
+// wrong-typed field, a string over its fixed bound, a negative id, trailing bytes,
+// or a page table that fails ValidatePageTable is InvalidArgument (the page table
+// keeps ValidatePageTable's code) naming the message kind and field
+// ("RequestData.block_ids_per_group[3][17]: negative block id: value=-4"); a
+// message or list over DecodeLimits is ResourceExhausted. A first pass over the
+// raw bytes and msgpack's own limits (depth, array, map, string sizes) stop a
+// hostile message before it allocates: never more than a small multiple of its
+// size, nor of the largest message DecodeLimits admits. Decoding never throws and
+// never crashes.
 //
 // Thread safety: pure functions over plain values.
 
@@ -56,6 +60,10 @@ namespace kvx::transfer {
 // retired fields are never reused (PROTOCOL.md).
 inline constexpr uint8_t kProtocolVersion = 1;
 
+// Bound of SliceResult::reason and Cancel::reason. EncodeMessage cuts a longer
+// reason to this length rather than produce a message the peer would refuse.
+inline constexpr size_t kMaxReasonBytes = 1024;
+
 // Which side of a transfer a rank is on. Typed on the wire, so a rank that takes
 // itself for the other side is refused at the handshake.
 enum class Role : uint8_t { kContext = 1, kGeneration = 2 };
@@ -74,8 +82,8 @@ struct RankInfo {
   std::string instance;           // The instance's name; 1..256 printable bytes.
   Role role = Role::kContext;
   int64_t rank = 0;               // pp_rank * tp_size + tp_rank of page_table.topology
-  std::string control_address;    // Where to send it messages; 1..256 bytes.
-  std::string transport_address;  // Transport::address(); 1..4096 bytes.
+  std::string control_address;    // ControlChannel::address(); 1..256 printable bytes.
+  std::string transport_address;  // Transport::address(), opaque; 1..4096 bytes.
   RankPageTable page_table;       // Validated on decode (ValidatePageTable).
 };
 
@@ -85,7 +93,8 @@ struct RankInfoRequest {
 };
 
 // "Here is who I am", with the grants the sender gives the receiver (empty when the
-// receiver never writes to the sender, e.g. from a context rank).
+// receiver never writes to the sender, e.g. from a context rank). The decoder
+// refuses any other number of grants than none or one per pool.
 struct RankInfoReply {
   RankInfo sender;
   uint64_t grant_epoch = 0;          // Increases with every new set of grants.
@@ -122,7 +131,8 @@ struct SliceResult {
   int64_t sender_rank = 0;
   SliceOutcome outcome = SliceOutcome::kSuccess;
   bool is_last_slice = false;
-  // kFailed: the absl::StatusCode and a reason (up to 1024 bytes).
+  // kFailed: the absl::StatusCode (never OK) and a reason (up to kMaxReasonBytes).
+  // kSuccess: code 0. The decoder refuses any other combination.
   int32_t code = 0;
   std::string reason;
   // kFailed: true when nothing of this slice can still land in the receiver's
@@ -149,7 +159,7 @@ struct Cancel {
   uint64_t unique_rid = 0;
   int64_t sender_rank = 0;
   Role from = Role::kContext;
-  std::string reason;  // up to 1024 bytes
+  std::string reason;  // up to kMaxReasonBytes
 };
 
 using Message =
@@ -158,24 +168,31 @@ using Message =
 // The name of the message's kind ("RequestData"), for logs and metrics.
 absl::string_view MessageKindName(const Message& message);
 
-// Bounds a decoder enforces; the defaults fit a 1M-token prompt at 16 tokens per
-// block in 64 groups.
+// Bounds a decoder enforces (ResourceExhausted past them); the defaults fit a
+// 1M-token prompt at 16 tokens per block in 64 groups.
 struct DecodeLimits {
   size_t max_message_bytes = size_t{64} << 20;
   size_t max_block_ids = size_t{1} << 22;  // summed over a RequestData's lists
-  size_t max_groups = 1024;                // lists per RequestData, groups per table
-  size_t max_pools = 1024;
-  size_t max_layers = 65536;               // layer entries summed over a table
+  // Lists per RequestData; attention, state and slice groups each, per table.
+  size_t max_groups = 1024;
+  size_t max_pools = 1024;  // pools per table, grants per RankInfoReply
+  // Layer entries summed over a table: every element of the groups'
+  // global_layer_ids, view.layers and StateGroup::layers, and of
+  // topology.layers_per_pp_rank.
+  size_t max_layers = 65536;
   size_t max_aux_tokens = 4096;
 };
 
-// Serializes `message` (msgpack, PROTOCOL.md). Never fails for a value that would
-// decode; larger values still encode and are refused by the peer's decoder.
+// Serializes `message` (msgpack, PROTOCOL.md). Never fails: a value the decoder
+// would refuse (a negative id, a list over the limits) still encodes and is refused
+// by the peer's decoder; only a reason is cut (kMaxReasonBytes).
+// REQUIRES: every list and string shorter than 2^32 entries (msgpack's bound).
 std::string EncodeMessage(const Message& message);
 
-// Parses one message from untrusted bytes. Errors: InvalidArgument (see the file
-// comment) naming the kind and field; ResourceExhausted for a message or list over
-// `limits`.
+// Parses one message from untrusted bytes. Errors, each naming the kind and field:
+// InvalidArgument for malformed input (see the file comment); ResourceExhausted for
+// a message or list over `limits`; a page table's ValidatePageTable error with its
+// own code (InvalidArgument, or Unimplemented for an unsupported head split).
 ABSL_MUST_USE_RESULT absl::StatusOr<Message> DecodeMessage(
     absl::string_view bytes, const DecodeLimits& limits = DecodeLimits());
 
