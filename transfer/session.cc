@@ -321,8 +321,7 @@ void ReceiverSession::Start(const std::map<int64_t, uint64_t>& grant_epochs,
       data.token_end = s.slice.token_range.has_value() ? s.slice.token_range->end() : 0;
       data.is_last_slice = s.slice.is_last_slice;
       data.block_ids_per_group = s.slice.block_ids_per_layer_group;
-      data.dst_start_token =
-          s.dst_start_token.has_value() ? s.dst_start_token : request_.dst_start_token;
+      data.dst_start_token = request_.dst_start_token;
       data.aux_slot = request_.aux_slot;
       data.state_slot = request_.state_slot;
       data.dp_rank = request_.dp_rank;

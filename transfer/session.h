@@ -193,10 +193,6 @@ class SenderSession {
 struct ReceiverSlice {
   int64_t slice_id = 0;
   KVSlice slice;
-  // This slice's first destination token hint (section 5 step 5); the request's
-  // when absent. A later chunk names its own start, so the blocks earlier chunks
-  // delivered do not move again.
-  std::optional<int64_t> dst_start_token;
 };
 
 // What a ReceiverSession needs to write its request data.

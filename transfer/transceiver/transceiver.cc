@@ -188,6 +188,8 @@ struct Transceiver::Impl {
     RequestMetrics metrics;
     absl::Time started;
     std::optional<absl::Time> first_post;
+    // Set when it ended before the engine's task came: forgotten after this.
+    std::optional<absl::Time> unclaimed_until;
   };
   struct ReceiverEntry {
     explicit ReceiverEntry(transfer::ReceiverRequest request) : session(std::move(request)) {}
@@ -458,11 +460,18 @@ absl::Status Transceiver::RequestAndReceiveAsync(const GenerationRequest& reques
     transfer::ReceiverSlice slice;
     slice.slice_id = static_cast<int64_t>(i);
     slice.slice = std::move(built->slice);
-    // A chunk's earlier blocks came with the earlier chunks: only the block holding
-    // its first token (completed now) and those after it move again.
-    std::optional<int64_t> hint = request.dst_start_token;
-    if (i > 0) hint = std::max(hint.value_or(0), ranges[i].start());
-    slice.dst_start_token = hint;
+    // A chunk's earlier blocks came with the earlier chunks: its lists keep only the
+    // block holding its first token (completed only now) and those after it. A
+    // shorter list starts later (the suffix invariant), so the pairing follows.
+    const int64_t first_block = ranges[i].start() / impl_->table.tokens_per_block;
+    const int64_t total = transfer::CeilDiv(ranges[i].end(), impl_->table.tokens_per_block);
+    for (transfer::BlockList& list : slice.slice.block_ids_per_layer_group) {
+      const int64_t list_start = total - static_cast<int64_t>(list.size());
+      if (first_block > list_start) {
+        list.erase(list.begin(), list.begin() + std::min<int64_t>(first_block - list_start,
+                                                                  static_cast<int64_t>(list.size())));
+      }
+    }
     receive.slices.push_back(std::move(slice));
   }
   const absl::Time now = absl::Now();
@@ -1344,9 +1353,19 @@ void Transceiver::Impl::Publish() {
     if (auto s = senders.find(rid); s != senders.end()) {
       // A sender entry that request data alone created is reported only if the
       // engine asked for the request too (live holds only what the engine asked).
-      statuses.push_back(StatusOf(*s->second));
-      if (transfer::IsFinal(s->second->session.state()) && s->second->in_flight.empty()) {
-        senders.erase(s);
+      // One that ended before the engine's task came (cancelled, say) waits for that
+      // task for cancel_memory, so the task ends at once the same way.
+      SenderEntry& e = *s->second;
+      statuses.push_back(StatusOf(e));
+      if (transfer::IsFinal(e.session.state()) && e.in_flight.empty()) {
+        if (e.has_task) {
+          senders.erase(s);
+        } else if (!e.unclaimed_until.has_value()) {
+          e.unclaimed_until = absl::Now() + options.cancel_memory;
+          timers.emplace(*e.unclaimed_until, rid);
+        } else if (absl::Now() >= *e.unclaimed_until) {
+          senders.erase(s);
+        }
       }
     } else if (auto r = receivers.find(rid); r != receivers.end()) {
       statuses.push_back(StatusOf(*r->second));

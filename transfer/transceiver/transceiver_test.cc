@@ -121,7 +121,9 @@ void Fill(Rank& rank, uint64_t rid, const std::vector<int64_t>& slots) {
                                      Rank& context, const std::vector<int64_t>& src) {
   for (size_t i = 0; i < dst.size(); ++i) {
     if (std::memcmp(generation.slot(dst[i]), context.slot(src[i]), generation.slot_bytes()) != 0) {
-      return ::testing::AssertionFailure() << "slot " << dst[i] << " differs from source slot " << src[i];
+      return ::testing::AssertionFailure()
+             << "slot " << dst[i] << " differs from source slot " << src[i] << ": first bytes "
+             << int{generation.slot(dst[i])[0]} << " vs " << int{context.slot(src[i])[0]};
     }
   }
   return ::testing::AssertionSuccess();
