@@ -1359,6 +1359,12 @@ void Transceiver::Impl::Publish() {
       statuses.push_back(StatusOf(e));
       if (transfer::IsFinal(e.session.state()) && e.in_flight.empty()) {
         if (e.has_task) {
+          // Receivers that ask after a cancel must hear it at once (their request
+          // data would otherwise wait for a task that never comes): remember it.
+          if (e.session.state() == SessionState::kCancelled) {
+            cancelled_early[rid] = absl::Now() + options.cancel_memory;
+            timers.emplace(cancelled_early[rid], rid);
+          }
           senders.erase(s);
         } else if (!e.unclaimed_until.has_value()) {
           e.unclaimed_until = absl::Now() + options.cancel_memory;

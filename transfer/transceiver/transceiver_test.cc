@@ -271,6 +271,36 @@ TEST_F(TransceiverTest, ContextSideThatNeverComesTimesOutOnBothSides) {
   EXPECT_THAT(got.error, StatusIs(absl::StatusCode::kDeadlineExceeded));
 }
 
+// Found by `transceiver demo` (issue 9): a request the context engine cancelled
+// before the generation side asked for it was forgotten once final, so the
+// generation side's request data later waited for an engine task that never comes
+// and the generation side hung until its own timeout.
+TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) {
+  for (const bool cancel_first : {true, false}) {
+    SCOPED_TRACE(cancel_first ? "cancel, then the engine's task" : "task, then cancel");
+    const uint64_t rid = cancel_first ? 22 : 23;
+    context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+    generation_->manager.AddRequestFromTables(rid, std::nullopt, {{50, 51, 52, 53}});
+    if (cancel_first) ASSERT_OK(context_->transceiver->CancelRequest(rid));
+    ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+    if (!cancel_first) ASSERT_OK(context_->transceiver->CancelRequest(rid));
+    EXPECT_EQ(OneContext().state, SessionState::kCancelled);
+    GenerationRequest receive;
+    receive.unique_rid = rid;
+    receive.prompt_len = 16;
+    receive.context_instance = "prefill";
+    ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+    // Far less than the request's 20 s timeout: the context side answers at once.
+    std::vector<RequestStatus> got =
+        generation_->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(5)));
+    ASSERT_EQ(got.size(), 1u) << "the generation side was never told of the cancel";
+    EXPECT_TRUE(got[0].final());
+    EXPECT_NE(got[0].state, SessionState::kFullyTransferred);
+    EXPECT_THAT(got[0].error, StatusIs(absl::StatusCode::kAborted));
+    for (int64_t slot : {50, 51, 52, 53}) EXPECT_TRUE(Untouched(*generation_, slot));
+  }
+}
+
 TEST_F(TransceiverTest, SidesAreTyped) {
   std::unique_ptr<Rank> other = MakeRank("decode-2", Role::kGeneration, transfer::MakeTopology(1, {2}));
   ASSERT_NE(other, nullptr);
