@@ -140,10 +140,8 @@ class Engine {
     return status.ok() ? status->state : SessionState::kInit;
   }
 
-  void Done(bool ok) {
-    if (progress_ == nullptr) return;
-    progress_->requests_done.fetch_add(1);
-    if (!ok) progress_->failures.fetch_add(1);
+  void Done(bool ok, uint64_t moved = 0) {
+    if (progress_ != nullptr) progress_->Add(ok, moved);
   }
 
   bool Cancels(const RequestPlan& plan, CancelWhen when) const {
@@ -291,9 +289,9 @@ class Engine {
       absl::Status cancelled = rank_.transceiver().CancelRequest(plan.rid);
       if (!cancelled.ok()) record.problem = cancelled.ToString();
     }
-    if (progress_ != nullptr) progress_->bytes.fetch_add(status.metrics.bytes);
-    Done(record.problem.empty() && (status.state == SessionState::kFullyTransferred ||
-                                    plan.may_be_cancelled()));
+    Done(record.problem.empty() &&
+             (status.state == SessionState::kFullyTransferred || plan.may_be_cancelled()),
+         status.metrics.bytes);
     Release(plan.rid);
     flights_.erase(it);
   }
@@ -412,6 +410,16 @@ absl::StatusOr<std::unique_ptr<Rank>> Rank::Create(const InstanceOptions& option
   setup.page_table = out->table_;
   setup.adapter = out->adapter_.get();
   setup.create_transport = Factory(options.transport);
+  if (options.transport.wrap) {
+    setup.create_transport = [inner = std::move(setup.create_transport),
+                              wrap = options.transport.wrap,
+                              rank](const transport::EndpointOptions& endpoint)
+        -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
+      absl::StatusOr<std::unique_ptr<transport::Transport>> created = inner(endpoint);
+      if (!created.ok()) return created.status();
+      return wrap(*std::move(created), rank);
+    };
+  }
   setup.endpoint.idle_poll_interval = options.transport.idle_poll_interval;
   transceiver::TransceiverOptions t;
   t.instance = options.name;
@@ -529,6 +537,15 @@ void Instance::Start(absl::Time deadline, Progress* progress) {
   }
 }
 
+void Instance::Reset(std::vector<RequestPlan> workload) {
+  for (std::thread& engine : engines_) {
+    if (engine.joinable()) engine.join();
+  }
+  engines_.clear();
+  records_.clear();
+  workload_ = std::move(workload);
+}
+
 SideReport Instance::Wait() {
   for (std::thread& engine : engines_) {
     if (engine.joinable()) engine.join();
@@ -639,6 +656,22 @@ SideReport Instance::Wait() {
 }
 
 // --- Progress -------------------------------------------------------------------------
+
+void Progress::Add(bool ok, uint64_t moved) {
+  bytes.fetch_add(moved);
+  if (!ok) failures.fetch_add(1);
+  sync::MutexLock lock(&mu_);
+  requests_done.fetch_add(1);
+  cv_.SignalAll();
+}
+
+bool Progress::WaitForDone(int64_t n, absl::Time deadline) {
+  sync::MutexLock lock(&mu_);
+  while (requests_done.load() < n) {
+    if (cv_.WaitUntil(&lock, deadline)) return requests_done.load() >= n;
+  }
+  return true;
+}
 
 ProgressPrinter::ProgressPrinter(const Progress* progress, std::string label,
                                  absl::Duration interval)

@@ -60,6 +60,7 @@
 #include "transfer/slice.h"
 #include "transfer/topology.h"
 #include "transfer/transceiver/transceiver.h"
+#include "transport/transport.h"
 
 namespace kvx::harness {
 
@@ -278,6 +279,11 @@ struct TransportOptions {
   std::string node = "127.0.0.1";  // libfabric's address to bind (not shm)
   // Owner thread's sleep when idle; zero spins (transport.h).
   absl::Duration idle_poll_interval = absl::Microseconds(50);
+  // Tests: wraps each rank's endpoint (fault injection); called on the thread that
+  // creates the rank, with the rank's index.
+  std::function<std::unique_ptr<transport::Transport>(std::unique_ptr<transport::Transport>,
+                                                      int64_t rank)>
+      wrap;
 };
 
 struct InstanceOptions {
@@ -329,11 +335,21 @@ class Rank {
 };
 
 // Counters the engines bump and a progress line reads. Thread-safe.
-struct Progress {
+class Progress {
+ public:
   std::atomic<int64_t> requests_total{0};
   std::atomic<int64_t> requests_done{0};
   std::atomic<int64_t> failures{0};
   std::atomic<uint64_t> bytes{0};
+
+  // One (rank, request) became final.
+  void Add(bool ok, uint64_t moved);
+  // Waits until `n` (rank, request)s are final; false at `deadline`.
+  bool WaitForDone(int64_t n, absl::Time deadline);
+
+ private:
+  sync::Mutex mu_;
+  sync::CondVar cv_;
 };
 
 // Prints a progress line to stderr every `interval` until destroyed: rewritten in
@@ -421,6 +437,8 @@ class Instance {
   void Start(absl::Time deadline, Progress* progress = nullptr);
   // Joins the engines and sums up. REQUIRES: Start was called.
   SideReport Wait();
+  // Replaces the workload for another Start. REQUIRES: not started, or waited.
+  void Reset(std::vector<RequestPlan> workload);
 
   Rank& rank(size_t i) { return *ranks_[i]; }
   size_t num_ranks() const { return ranks_.size(); }
@@ -464,6 +482,8 @@ struct RunOptions {
   Shape generation;
   TransportOptions transport;
   WorkloadOptions workload;
+  // Non-empty: these requests instead of a stream drawn from `workload`.
+  std::vector<RequestPlan> plans;
   int64_t concurrency = 8;
   absl::Duration request_timeout = absl::Seconds(60);
   absl::Duration run_timeout = absl::Minutes(10);

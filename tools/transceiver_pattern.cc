@@ -44,31 +44,43 @@ uint64_t FreeSeed(size_t group, int64_t slot) {
   return Mix(kFreeDomain ^ (static_cast<uint64_t>(group) << 48) ^ static_cast<uint64_t>(slot));
 }
 
-// Word j of a run is Mix(seed + j * golden): no dependency between words, so the
-// compiler may interleave them.
+// Word j of a run: Mix(seed + j * golden) for the KV pattern (no dependency between
+// words, so the compiler may interleave them), or just seed + j * golden for
+// markers and free slots, whose only duty is to differ from any pattern a write
+// could leave (their seeds are mixed), at the cost of an add.
+template <bool kMixed>
+inline uint64_t Word(uint64_t seed, uint64_t j) {
+  return kMixed ? Mix(seed + j * kGolden) : seed + j * kGolden;
+}
+
+template <bool kMixed>
 void FillWords(uint8_t* p, uint64_t n, uint64_t seed) {
   const uint64_t words = n / 8;
   for (uint64_t j = 0; j < words; ++j) {
-    const uint64_t w = Mix(seed + j * kGolden);
+    const uint64_t w = Word<kMixed>(seed, j);
     std::memcpy(p + 8 * j, &w, 8);
   }
   if (n % 8 != 0) {
-    const uint64_t w = Mix(seed + words * kGolden);
+    const uint64_t w = Word<kMixed>(seed, words);
     std::memcpy(p + 8 * words, &w, n % 8);
   }
 }
 
 // The first byte of a run that differs from its words, or nullopt.
+template <bool kMixed>
 std::optional<RankLayout::Mismatch> CheckWords(const uint8_t* p, uint64_t n, uint64_t seed) {
-  const uint64_t words = (n + 7) / 8;
+  const uint64_t words = n / 8;
+  uint64_t diff = 0;
   for (uint64_t j = 0; j < words; ++j) {
-    const uint64_t w = Mix(seed + j * kGolden);
-    const uint64_t bytes = std::min<uint64_t>(8, n - 8 * j);
     uint64_t got = 0;
-    std::memcpy(&got, p + 8 * j, bytes);
-    const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
-    if (((got ^ w) & mask) == 0) continue;
-    for (uint64_t b = 0; b < bytes; ++b) {
+    std::memcpy(&got, p + 8 * j, 8);
+    diff |= got ^ Word<kMixed>(seed, j);
+  }
+  if (diff == 0 && n % 8 == 0) return std::nullopt;
+  // Rare: find the byte.
+  for (uint64_t j = 0; j < (n + 7) / 8; ++j) {
+    const uint64_t w = Word<kMixed>(seed, j);
+    for (uint64_t b = 0; b < 8 && 8 * j + b < n; ++b) {
       const uint8_t expected = static_cast<uint8_t>(w >> (8 * b));
       const uint8_t actual = p[8 * j + b];
       if (expected != actual) return RankLayout::Mismatch{8 * j + b, expected, actual, ""};
@@ -155,7 +167,7 @@ void RankLayout::ForRows(uint64_t rid, size_t group, int64_t block, Row row) con
 
 void RankLayout::FillBlock(uint64_t rid, size_t group, int64_t block, uint8_t* slot) const {
   ForRows(rid, group, block, [&](uint64_t offset, uint64_t seed, int64_t, int64_t, int64_t, int64_t) {
-    FillWords(slot + offset, token_bytes_, seed);
+    FillWords<true>(slot + offset, token_bytes_, seed);
     return true;
   });
 }
@@ -167,7 +179,7 @@ std::optional<RankLayout::Mismatch> RankLayout::CheckBlock(uint64_t rid, size_t 
   ForRows(rid, group, block,
           [&](uint64_t offset, uint64_t seed, int64_t layer, int64_t kv, int64_t head,
               int64_t token) {
-            found = CheckWords(slot + offset, token_bytes_, seed);
+            found = CheckWords<true>(slot + offset, token_bytes_, seed);
             if (!found.has_value()) return true;
             found->where = absl::StrCat("layer=", layer, " kv=", kv == 0 ? "k" : "v",
                                         " head=", head, " token=", token,
@@ -179,26 +191,26 @@ std::optional<RankLayout::Mismatch> RankLayout::CheckBlock(uint64_t rid, size_t 
 }
 
 void RankLayout::FillMarker(uint64_t rid, size_t group, int64_t block, uint8_t* slot) const {
-  FillWords(slot, groups_[group].slot_bytes, MarkerSeed(rid, group, block));
+  FillWords<false>(slot, groups_[group].slot_bytes, MarkerSeed(rid, group, block));
 }
 
 std::optional<RankLayout::Mismatch> RankLayout::CheckMarker(uint64_t rid, size_t group,
                                                             int64_t block,
                                                             const uint8_t* slot) const {
   std::optional<Mismatch> found =
-      CheckWords(slot, groups_[group].slot_bytes, MarkerSeed(rid, group, block));
+      CheckWords<false>(slot, groups_[group].slot_bytes, MarkerSeed(rid, group, block));
   if (found.has_value()) found->where = "marker";
   return found;
 }
 
 void RankLayout::FillFree(size_t group, int64_t slot_id, uint8_t* slot) const {
-  FillWords(slot, groups_[group].slot_bytes, FreeSeed(group, slot_id));
+  FillWords<false>(slot, groups_[group].slot_bytes, FreeSeed(group, slot_id));
 }
 
 std::optional<RankLayout::Mismatch> RankLayout::CheckFree(size_t group, int64_t slot_id,
                                                           const uint8_t* slot) const {
   std::optional<Mismatch> found =
-      CheckWords(slot, groups_[group].slot_bytes, FreeSeed(group, slot_id));
+      CheckWords<false>(slot, groups_[group].slot_bytes, FreeSeed(group, slot_id));
   if (found.has_value()) found->where = "free slot";
   return found;
 }

@@ -165,6 +165,7 @@ absl::StatusOr<InstanceOptions> SideOptions(const RunOptions& options, Role role
 namespace {
 
 absl::StatusOr<std::vector<RequestPlan>> Workload(const RunOptions& options) {
+  if (!options.plans.empty()) return options.plans;
   WorkloadOptions workload = options.workload;
   workload.context_dp_size = options.context.dp_size();
   workload.generation_dp_size = options.generation.dp_size();

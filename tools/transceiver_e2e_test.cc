@@ -1,0 +1,419 @@
+// The transceiver end to end, every byte checked by the reference engine
+// (tools/transceiver_harness.h): two instances of several ranks in this process,
+// real control-plane sockets on 127.0.0.1, and the loopback backend or libfabric
+// tcp;ofi_rxm on 127.0.0.1. The matrix: TP/PP mixes (replicated heads, uneven PP,
+// attention DP, MLA), full, windowed and mixed groups, prefix hits of every size,
+// chunked requests, cancels before/during/after by either side, either side first,
+// a failed write and a corrupted one.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/status_matchers.h"
+#include "tools/transceiver_harness.h"
+#include "transfer/session.h"
+#include "transfer/transceiver/transceiver.h"
+#include "transport/fault_injecting_transport.h"
+#include "transport/transport.h"
+
+namespace kvx::harness {
+namespace {
+
+using ::testing::HasSubstr;
+using transfer::SessionState;
+
+// 4 layers: full {0, 2}, a 12-token window {1, 3}; 4 KV heads of 8 bf16; 4 tokens
+// per block (one head of one block is 64 bytes).
+ModelOptions Tiny(std::vector<std::optional<int64_t>> windows = {std::nullopt, 12}) {
+  ModelOptions model;
+  model.num_layers = 4;
+  model.num_kv_heads = 4;
+  model.head_size = 8;
+  model.element_bytes = 2;
+  model.tokens_per_block = 4;
+  model.windows = std::move(windows);
+  return model;
+}
+
+RequestPlan Plan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens = 0,
+                 std::vector<Chunk> chunks = {}) {
+  RequestPlan plan;
+  plan.rid = rid;
+  plan.prompt_len = prompt_len;
+  plan.hit_tokens = hit_tokens;
+  plan.chunks = chunks.empty() ? std::vector<Chunk>{{0, prompt_len}} : std::move(chunks);
+  return plan;
+}
+
+RequestPlan Cancelled(RequestPlan plan, CancelWhen when, Role side) {
+  plan.cancel = when;
+  plan.cancel_side = side;
+  return plan;
+}
+
+// Every kind of request once (tokens per block 4, window 12): prefix hits of every
+// size, chunks, stale heads kept or dropped, a draft block, cancels by either side.
+std::vector<RequestPlan> Matrix(int64_t context_dp, int64_t generation_dp) {
+  const std::vector<Chunk> three = {{0, 10}, {10, 40}, {40, 64}};
+  std::vector<RequestPlan> plans = {
+      Plan(1, 37),                                   // no hit
+      Plan(2, 37, 3),                                // a hit inside the first block: none
+      Plan(3, 37, 6),                                // a partial block: one block cached
+      Plan(4, 37, 20),                               // whole blocks
+      Plan(5, 37, 37),                               // the whole prompt but its last block
+      Plan(6, 36, 36),                               // the whole prompt: nothing moves
+      Plan(7, 1),                                    // one token
+      Plan(8, 64, 0, three),                         // chunked
+      Plan(9, 64, 17, three),                        // chunked behind a hit
+      Plan(10, 64, 0, {{0, 12}, {12, 13}, {13, 64}}),  // a one-token chunk
+      Plan(11, 100),
+      Plan(12, 13, 4),
+      Cancelled(Plan(13, 64), CancelWhen::kBefore, Role::kGeneration),
+      Cancelled(Plan(14, 64), CancelWhen::kBefore, Role::kContext),
+      Cancelled(Plan(15, 64, 0, three), CancelWhen::kDuring, Role::kGeneration),
+      Cancelled(Plan(16, 64, 0, three), CancelWhen::kDuring, Role::kContext),
+      Cancelled(Plan(17, 64), CancelWhen::kAfter, Role::kGeneration),
+      Cancelled(Plan(18, 64, 8, three), CancelWhen::kAfter, Role::kContext),
+  };
+  plans[10].keep_stale = true;
+  plans[10].draft_block = true;
+  plans[11].draft_block = true;
+  plans[4].keep_stale = true;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    plans[i].context_dp_rank = static_cast<int64_t>(i) % context_dp;
+    plans[i].generation_dp_rank = static_cast<int64_t>(i) % generation_dp;
+  }
+  return plans;
+}
+
+int64_t MustSucceed(absl::Span<const RequestPlan> plans) {
+  int64_t n = 0;
+  for (const RequestPlan& plan : plans) n += plan.may_be_cancelled() ? 0 : 1;
+  return n;
+}
+
+RunOptions Options(const std::string& transport, ModelOptions model, Shape context,
+                   Shape generation) {
+  RunOptions options;
+  options.model = std::move(model);
+  options.context = std::move(context);
+  options.generation = std::move(generation);
+  options.transport.kind = transport;
+  options.concurrency = 4;
+  options.request_timeout = absl::Seconds(30);
+  options.run_timeout = absl::Seconds(120);
+  options.plans = Matrix(options.context.dp_size(), options.generation.dp_size());
+  return options;
+}
+
+// Both sides clean: no failure, no wrong byte, no late write, and every request
+// that no cancel can touch succeeded.
+void ExpectClean(const RunReport& report, absl::Span<const RequestPlan> plans) {
+  const std::string table = FormatTable(report.context, report.generation, report.seconds);
+  for (const SideReport* side : {&report.context, &report.generation}) {
+    SCOPED_TRACE(side->role);
+    EXPECT_TRUE(side->ok()) << table;
+    EXPECT_EQ(side->requests, static_cast<int64_t>(plans.size())) << table;
+    EXPECT_EQ(side->succeeded + side->cancelled, side->requests) << table;
+    EXPECT_GE(side->succeeded, MustSucceed(plans)) << table;
+    EXPECT_EQ(side->metrics.bad_messages, 0);
+  }
+  EXPECT_GT(report.generation.bytes_checked, 0u);
+}
+
+struct Topology {
+  const char* name;
+  ModelOptions model;
+  Shape context;
+  Shape generation;
+};
+
+std::vector<Topology> Topologies() {
+  ModelOptions two_heads = Tiny();
+  two_heads.num_kv_heads = 2;
+  ModelOptions mla = Tiny();
+  mla.is_mla = true;
+  return {
+      {"Tp1ToTp1", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false}},
+      {"Tp2ToTp1", Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false}},
+      {"Tp1ToTp2", Tiny(), Shape{1, 1, {}, false}, Shape{2, 1, {}, false}},
+      {"ReplicatedContextTp4ToTp1", two_heads, Shape{4, 1, {}, false}, Shape{1, 1, {}, false}},
+      {"Tp1ToReplicatedGenerationTp4", two_heads, Shape{1, 1, {}, false},
+       Shape{4, 1, {}, false}},
+      {"UnevenPp31ToPp13", Tiny(), Shape{1, 2, {3, 1}, false}, Shape{1, 2, {1, 3}, false}},
+      {"Tp2Pp2ToTp1Pp2Uneven", Tiny(), Shape{2, 2, {}, false}, Shape{1, 2, {3, 1}, false}},
+      {"FullAttentionOnly", Tiny({std::nullopt}), Shape{2, 1, {}, false},
+       Shape{1, 1, {}, false}},
+      {"WindowedOnly", Tiny({12}), Shape{2, 1, {}, false}, Shape{1, 1, {}, false}},
+      {"AttentionDpBothSides", Tiny(), Shape{2, 1, {}, true}, Shape{2, 1, {}, true}},
+      {"MlaTp2ToTp4", mla, Shape{2, 1, {}, false}, Shape{4, 1, {}, false}},
+  };
+}
+
+class TransceiverMatrixTest
+    : public ::testing::TestWithParam<std::tuple<std::string, Topology>> {};
+
+TEST_P(TransceiverMatrixTest, EveryByteArrivesAndNothingElseMoves) {
+  const auto& [transport, topology] = GetParam();
+  RunOptions options = Options(transport, topology.model, topology.context, topology.generation);
+  ASSERT_OK_AND_ASSIGN(RunReport report, RunInProcess(options));
+  ExpectClean(report, options.plans);
+  // Mixed groups skip both ways; hits skip on full-attention groups.
+  if (topology.model.windows.size() == 2) {
+    EXPECT_GT(report.generation.blocks_skipped_window, 0);
+    EXPECT_GT(report.generation.blocks_skipped_reuse, 0);
+  }
+  EXPECT_GT(report.generation.blocks_sent, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Transports, TransceiverMatrixTest,
+    ::testing::Combine(::testing::Values("loopback", "tcp"), ::testing::ValuesIn(Topologies())),
+    [](const ::testing::TestParamInfo<TransceiverMatrixTest::ParamType>& info) {
+      return absl::StrCat(std::get<0>(info.param), "_", std::get<1>(info.param).name);
+    });
+
+// A random stream (pinned seed in BUILD): many requests, both transports.
+class TransceiverStreamTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TransceiverStreamTest, ARandomStreamIsCleanBothWays) {
+  const uint64_t seed = ::testing::UnitTest::GetInstance()->random_seed();
+  SCOPED_TRACE(absl::StrCat("seed=", seed));
+  RunOptions options = Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 2, {}, false});
+  options.plans.clear();
+  options.workload.requests = 120;
+  options.workload.seed = seed;
+  options.workload.max_prompt = 200;
+  options.workload.chunk_rate = 0.3;
+  options.workload.cancel_rate = 0.2;
+  options.concurrency = 8;
+  ASSERT_OK_AND_ASSIGN(RunReport report, RunInProcess(options));
+  EXPECT_TRUE(report.ok()) << FormatTable(report.context, report.generation, report.seconds);
+  EXPECT_EQ(report.generation.requests, 120);
+  EXPECT_EQ(report.generation.failed, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransceiverStreamTest, ::testing::Values("loopback", "tcp"));
+
+// Two instances, driven step by step.
+struct Pair {
+  std::unique_ptr<Instance> context;
+  std::unique_ptr<Instance> generation;
+};
+
+absl::StatusOr<Pair> MakePair(const RunOptions& options) {
+  Pair pair;
+  for (Role role : {Role::kContext, Role::kGeneration}) {
+    absl::StatusOr<InstanceOptions> side = SideOptions(options, role);
+    if (!side.ok()) return side.status();
+    absl::StatusOr<std::unique_ptr<Instance>> instance =
+        Instance::Create(*std::move(side), options.plans);
+    if (!instance.ok()) return instance.status();
+    (role == Role::kContext ? pair.context : pair.generation) = *std::move(instance);
+  }
+  absl::Status added = pair.generation->AddPeer(pair.context->control_addresses(),
+                                                absl::Now() + absl::Seconds(30));
+  if (!added.ok()) return added;
+  return pair;
+}
+
+// True once every rank of `instance` reports every plan's request in `at_least` or
+// later (the transceiver has no wait for another request's progress: poll).
+bool WaitForState(Instance& instance, absl::Span<const RequestPlan> plans, SessionState at_least,
+                  absl::Time deadline) {
+  while (absl::Now() < deadline) {
+    bool all = true;
+    for (size_t r = 0; r < instance.num_ranks() && all; ++r) {
+      for (const RequestPlan& plan : plans) {
+        absl::StatusOr<transceiver::RequestStatus> status =
+            instance.rank(r).transceiver().GetStatus(plan.rid);
+        if (!status.ok() || status->state < at_least) {
+          all = false;
+          break;
+        }
+      }
+    }
+    if (all) return true;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  return false;
+}
+
+class TransceiverOrderTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TransceiverOrderTest, GenerationSideFirst) {
+  RunOptions options = Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
+  options.concurrency = 64;  // every request is asked for before the context starts
+  ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
+  const absl::Time deadline = absl::Now() + options.run_timeout;
+  pair.generation->Start(deadline);
+  std::vector<RequestPlan> waiting;
+  for (const RequestPlan& plan : options.plans) {
+    if (plan.cancel == CancelWhen::kNone) waiting.push_back(plan);
+  }
+  // Every request data went out (READY) before the context engine's first call.
+  ASSERT_TRUE(WaitForState(*pair.generation, waiting, SessionState::kReady,
+                           absl::Now() + absl::Seconds(30)));
+  pair.context->Start(deadline);
+  RunReport report;
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  ExpectClean(report, options.plans);
+}
+
+TEST_P(TransceiverOrderTest, ContextSideFirst) {
+  RunOptions options = Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
+  options.concurrency = 64;
+  ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
+  const absl::Time deadline = absl::Now() + options.run_timeout;
+  pair.context->Start(deadline);
+  std::vector<RequestPlan> waiting;
+  for (const RequestPlan& plan : options.plans) {
+    if (plan.cancel == CancelWhen::kNone) waiting.push_back(plan);
+  }
+  // Every context rank holds every task (INIT: waiting for request data).
+  ASSERT_TRUE(WaitForState(*pair.context, waiting, SessionState::kInit,
+                           absl::Now() + absl::Seconds(30)));
+  pair.generation->Start(deadline);
+  RunReport report;
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  ExpectClean(report, options.plans);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransceiverOrderTest, ::testing::Values("loopback", "tcp"));
+
+// Completions held back, so each cancel lands while its transfer is in flight;
+// then the same instances serve a clean stream, whose allocations check that
+// nothing of the cancelled requests landed after they were final.
+TEST(TransceiverFaultTest, CancelWhileTheWritesAreInFlight) {
+  RunOptions options = Options("loopback", Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
+  options.plans.clear();
+  for (uint64_t rid = 1; rid <= 8; ++rid) {
+    options.plans.push_back(Cancelled(Plan(rid, 64, 0, {{0, 30}, {30, 64}}), CancelWhen::kDuring,
+                                      rid % 2 == 0 ? Role::kContext : Role::kGeneration));
+  }
+  options.concurrency = 8;
+  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
+    auto faulty = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
+    faulty->DelayCompletions(absl::Milliseconds(300));
+    return std::unique_ptr<transport::Transport>(std::move(faulty));
+  };
+  ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
+  pair.context->Start(absl::Now() + options.run_timeout);
+  pair.generation->Start(absl::Now() + options.run_timeout);
+  RunReport report;
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  const std::string table = FormatTable(report.context, report.generation, report.seconds);
+  EXPECT_TRUE(report.ok()) << table;
+  EXPECT_EQ(report.generation.cancelled, 8) << table;
+  EXPECT_EQ(report.context.cancelled, 8) << table;
+
+  std::vector<RequestPlan> after;
+  for (uint64_t rid = 101; rid <= 116; ++rid) after.push_back(Plan(rid, 64, 0));
+  pair.context->Reset(after);
+  pair.generation->Reset(after);
+  pair.context->Start(absl::Now() + options.run_timeout);
+  pair.generation->Start(absl::Now() + options.run_timeout);
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  ExpectClean(report, after);
+  EXPECT_EQ(report.generation.succeeded, 16);
+}
+
+TEST(TransceiverFaultTest, AFailedWriteFailsOnlyItsRequest) {
+  RunOptions options = Options("loopback", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false});
+  options.plans.clear();
+  for (uint64_t rid = 1; rid <= 12; ++rid) options.plans.push_back(Plan(rid, 40));
+  options.concurrency = 1;  // one at a time: the failed write belongs to one request
+  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
+    auto faulty = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
+    faulty->FailNthWrite(5);
+    return std::unique_ptr<transport::Transport>(std::move(faulty));
+  };
+  ASSERT_OK_AND_ASSIGN(RunReport report, RunInProcess(options));
+  const std::string table = FormatTable(report.context, report.generation, report.seconds);
+  for (const SideReport* side : {&report.context, &report.generation}) {
+    EXPECT_EQ(side->failed, 1) << table;
+    EXPECT_EQ(side->succeeded, 11) << table;
+    ASSERT_EQ(side->failures.size(), 1u) << table;
+    EXPECT_THAT(side->failures[0], HasSubstr("injected fault")) << table;
+  }
+  EXPECT_EQ(report.generation.mismatches, 0);
+  EXPECT_EQ(report.generation.late_writes, 0);
+}
+
+// A transport that lands the first write of each transfer 8 bytes further on: the
+// checks must see it (they cannot pass by accident).
+class Misdirecting final : public transport::Transport {
+ public:
+  explicit Misdirecting(std::unique_ptr<transport::Transport> inner) : inner_(std::move(inner)) {}
+  transport::Capabilities capabilities() const override { return inner_->capabilities(); }
+  std::string address() const override { return inner_->address(); }
+  absl::StatusOr<transport::RegionId> RegisterMemory(void* base, uint64_t length,
+                                                     transport::MemoryKind kind) override {
+    return inner_->RegisterMemory(base, length, kind);
+  }
+  absl::Status DeregisterMemory(transport::RegionId region) override {
+    return inner_->DeregisterMemory(region);
+  }
+  absl::StatusOr<transport::PeerId> AddPeer(absl::string_view address) override {
+    return inner_->AddPeer(address);
+  }
+  absl::Status RemovePeer(transport::PeerId peer) override { return inner_->RemovePeer(peer); }
+  absl::StatusOr<transport::RegionDescriptor> GrantRemoteWrite(transport::RegionId region,
+                                                               transport::PeerId peer) override {
+    return inner_->GrantRemoteWrite(region, peer);
+  }
+  absl::StatusOr<transport::TransferId> PostWrites(transport::PeerId peer,
+                                                   absl::Span<const transport::WriteOp> writes,
+                                                   absl::Time deadline) override {
+    std::vector<transport::WriteOp> moved(writes.begin(), writes.end());
+    if (moved[0].remote_offset + moved[0].length + 8 <= moved[0].remote.length) {
+      moved[0].remote_offset += 8;
+    }
+    return inner_->PostWrites(peer, moved, deadline);
+  }
+  absl::Status CancelTransfer(transport::TransferId id) override {
+    return inner_->CancelTransfer(id);
+  }
+  absl::StatusOr<transport::TransferStatus> PollTransfer(transport::TransferId id) override {
+    return inner_->PollTransfer(id);
+  }
+  absl::StatusOr<transport::TransferStatus> WaitTransfer(transport::TransferId id,
+                                                         absl::Time deadline) override {
+    return inner_->WaitTransfer(id, deadline);
+  }
+
+ private:
+  std::unique_ptr<transport::Transport> inner_;
+};
+
+TEST(TransceiverFaultTest, MisplacedBytesAreCaught) {
+  RunOptions options = Options("loopback", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false});
+  options.plans = {Plan(1, 40), Plan(2, 40, 16)};
+  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
+    return std::unique_ptr<transport::Transport>(std::make_unique<Misdirecting>(std::move(inner)));
+  };
+  ASSERT_OK_AND_ASSIGN(RunReport report, RunInProcess(options));
+  EXPECT_FALSE(report.ok());
+  EXPECT_EQ(report.generation.mismatches, 2);
+  ASSERT_FALSE(report.generation.failures.empty());
+  EXPECT_THAT(report.generation.failures[0], HasSubstr("expected="));
+}
+
+}  // namespace
+}  // namespace kvx::harness
