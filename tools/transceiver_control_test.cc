@@ -1,0 +1,386 @@
+// The control plane under a peer that repeats itself, reorders, lies or guesses.
+// A proxy sits between a generation rank and a context rank (each sees the proxy's
+// address as the other's, the rank infos rewritten), so every message between them
+// passes through it, re-encoded with transfer/protocol.h: duplicated, reversed,
+// altered. Outsiders send raw bytes and forged messages to the ranks' real control
+// addresses. Every byte is checked by the reference engine; a bad message must be
+// counted, fail at most the request it names, and leave every other request clean.
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>  // NOLINT(build/c++11)
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/status_matchers.h"
+#include "tools/transceiver_harness.h"
+#include "transfer/control_channel.h"
+#include "transfer/protocol.h"
+#include "transfer/session.h"
+#include "transfer/transceiver/transceiver.h"
+
+namespace kvx::harness {
+namespace {
+
+using ::testing::HasSubstr;
+using transfer::ControlChannel;
+using transfer::Message;
+
+// What the proxy forwards for one message: the bytes to send (none: dropped).
+using Policy = std::function<std::vector<std::string>(bool to_context, const Message& message)>;
+
+std::vector<std::string> Forward(bool, const Message& message) {
+  return {transfer::EncodeMessage(message)};
+}
+
+class ControlProxy {
+ public:
+  // Forwards between the generation rank that adds it and the context rank at
+  // `context_address`. With `reverse`, held messages go out in reverse order every
+  // few milliseconds (each direction's batch), so later messages overtake earlier ones.
+  static std::unique_ptr<ControlProxy> Start(std::string context_address, Policy policy,
+                                             bool reverse) {
+    auto proxy = std::unique_ptr<ControlProxy>(new ControlProxy());
+    proxy->context_address_ = std::move(context_address);
+    proxy->policy_ = std::move(policy);
+    proxy->reverse_ = reverse;
+    proxy->front_ = ControlChannel::Create({}).value();
+    proxy->back_ = ControlChannel::Create({}).value();
+    proxy->front_address_ = proxy->front_->address();
+    proxy->thread_ = std::thread([raw = proxy.get()] { raw->Run(); });
+    return proxy;
+  }
+  ~ControlProxy() {
+    stop_.store(true);
+    front_->Wake();
+    back_->Wake();
+    thread_.join();
+  }
+  // The address the generation side adds as the context rank's.
+  const std::string& address() const { return front_address_; }
+  int64_t forwarded() const { return forwarded_.load(); }
+
+ private:
+  ControlProxy() = default;
+
+  void Run() {
+    std::vector<ControlChannel::Incoming> in;
+    std::vector<std::string> held[2];  // [to_context]
+    absl::Time flush = absl::Now();
+    while (!stop_.load()) {
+      for (bool to_context : {true, false}) {
+        in.clear();
+        ControlChannel& from = to_context ? *front_ : *back_;
+        if (!from.Poll(absl::Now() + absl::Milliseconds(1), &in).ok()) continue;
+        for (ControlChannel::Incoming& message : in) {
+          if (to_context) generation_address_ = message.from;
+          absl::StatusOr<Message> decoded = transfer::DecodeMessage(message.bytes);
+          if (!decoded.ok()) continue;
+          const bool rank_info = Rewrite(to_context, &*decoded);
+          for (std::string& bytes : rank_info ? std::vector<std::string>{transfer::EncodeMessage(*decoded)}
+                                              : policy_(to_context, *decoded)) {
+            if (reverse_ && !rank_info) {
+              held[to_context].push_back(std::move(bytes));
+            } else {
+              Send(to_context, bytes);
+            }
+          }
+        }
+      }
+      if (absl::Now() >= flush) {
+        for (bool to_context : {true, false}) {
+          for (auto it = held[to_context].rbegin(); it != held[to_context].rend(); ++it) {
+            Send(to_context, *it);
+          }
+          held[to_context].clear();
+        }
+        flush = absl::Now() + absl::Milliseconds(5);
+      }
+    }
+  }
+
+  // Each side must see the proxy as the other: rank infos name its addresses.
+  bool Rewrite(bool to_context, Message* message) {
+    const std::string& self = to_context ? back_->address() : front_->address();
+    if (auto* m = std::get_if<transfer::RankInfoRequest>(message)) {
+      m->sender.control_address = self;
+      return true;
+    }
+    if (auto* m = std::get_if<transfer::RankInfoReply>(message)) {
+      m->sender.control_address = self;
+      return true;
+    }
+    return false;
+  }
+
+  void Send(bool to_context, const std::string& bytes) {
+    ControlChannel& via = to_context ? *back_ : *front_;
+    const std::string& to = to_context ? context_address_ : generation_address_;
+    if (to.empty() || !via.Send(to, bytes).ok()) return;
+    forwarded_.fetch_add(1);
+  }
+
+  std::string context_address_;
+  std::string generation_address_;  // learned from its first message
+  std::string front_address_;
+  Policy policy_;
+  bool reverse_ = false;
+  std::unique_ptr<ControlChannel> front_;  // faces the generation rank
+  std::unique_ptr<ControlChannel> back_;   // faces the context rank
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> forwarded_{0};
+  std::thread thread_;
+};
+
+RequestPlan Plan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens = 0,
+                 std::vector<Chunk> chunks = {}) {
+  RequestPlan plan;
+  plan.rid = rid;
+  plan.prompt_len = prompt_len;
+  plan.hit_tokens = hit_tokens;
+  plan.chunks = chunks.empty() ? std::vector<Chunk>{{0, prompt_len}} : std::move(chunks);
+  return plan;
+}
+
+RunOptions Options() {
+  RunOptions options;
+  options.model.num_layers = 4;
+  options.model.num_kv_heads = 4;
+  options.model.head_size = 8;
+  options.model.tokens_per_block = 4;
+  options.model.windows = {std::nullopt, 12};
+  options.context.tp = 1;
+  options.transport.kind = "loopback";
+  options.concurrency = 8;
+  options.request_timeout = absl::Seconds(20);
+  options.run_timeout = absl::Seconds(60);
+  const std::vector<Chunk> three = {{0, 10}, {10, 40}, {40, 64}};
+  options.plans = {Plan(1, 37), Plan(2, 37, 6), Plan(3, 64, 0, three), Plan(4, 64, 17, three),
+                   Plan(5, 100), Plan(6, 36, 36), Plan(7, 13, 4), Plan(8, 64, 0, three)};
+  options.plans[4].keep_stale = true;
+  options.plans[6].draft_block = true;
+  RequestPlan cancelled = Plan(9, 64, 0, three);
+  cancelled.cancel = CancelWhen::kDuring;
+  cancelled.cancel_side = Role::kGeneration;
+  options.plans.push_back(cancelled);
+  return options;
+}
+
+struct Pair {
+  std::unique_ptr<Instance> context;
+  std::unique_ptr<Instance> generation;
+  std::unique_ptr<ControlProxy> proxy;
+};
+
+// Both instances; the generation side reaches the context through a proxy with
+// `policy`, or directly without one.
+Pair MakePair(const RunOptions& options, std::optional<Policy> policy, bool reverse = false) {
+  Pair pair;
+  pair.context =
+      Instance::Create(SideOptions(options, Role::kContext).value(), options.plans).value();
+  pair.generation =
+      Instance::Create(SideOptions(options, Role::kGeneration).value(), options.plans).value();
+  std::vector<std::string> addresses = pair.context->control_addresses();
+  if (policy.has_value()) {
+    pair.proxy = ControlProxy::Start(addresses[0], *std::move(policy), reverse);
+    addresses = {pair.proxy->address()};
+  }
+  EXPECT_OK(pair.generation->AddPeer(addresses, absl::Now() + absl::Seconds(30)));
+  return pair;
+}
+
+RunReport RunPair(Pair& pair, const RunOptions& options) {
+  const absl::Time deadline = absl::Now() + options.run_timeout;
+  pair.context->Start(deadline);
+  pair.generation->Start(deadline);
+  RunReport report;
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  return report;
+}
+
+std::string Table(const RunReport& report) {
+  return FormatTable(report.context, report.generation, report.seconds);
+}
+
+// The same requests with an honest control plane: what must move, once.
+RunReport Baseline(const RunOptions& options) {
+  Pair pair = MakePair(options, std::nullopt);
+  RunReport report = RunPair(pair, options);
+  EXPECT_TRUE(report.ok()) << Table(report);
+  return report;
+}
+
+void ExpectSameTransfer(const RunReport& got, const RunReport& baseline) {
+  // Exactly once: no slice planned, posted or counted twice. (The cancelled
+  // request may stop at another point; it has no bytes in the baseline either
+  // when it wins, so compare the succeeded ones' totals through the blocks.)
+  EXPECT_EQ(got.generation.blocks_sent, baseline.generation.blocks_sent);
+  EXPECT_EQ(got.generation.succeeded, baseline.generation.succeeded);
+}
+
+TEST(TransceiverControlTest, DuplicatedMessagesMoveEveryByteOnce) {
+  const RunOptions options = Options();
+  const RunReport baseline = Baseline(options);
+  Pair pair = MakePair(options, [](bool, const Message& message) {
+    const std::string bytes = transfer::EncodeMessage(message);
+    return std::vector<std::string>{bytes, bytes, bytes};
+  });
+  const RunReport report = RunPair(pair, options);
+  EXPECT_TRUE(report.ok()) << Table(report);
+  EXPECT_EQ(report.context.failed + report.generation.failed, 0) << Table(report);
+  ExpectSameTransfer(report, baseline);
+  // Repeated request data was not dispatched again: as many writes and bytes as
+  // without the repeats, request by request (no cancel in play for those).
+  EXPECT_EQ(report.generation.bytes_checked, baseline.generation.bytes_checked);
+  EXPECT_GT(pair.proxy->forwarded(), 0);
+}
+
+TEST(TransceiverControlTest, ReorderedMessagesMoveEveryByte) {
+  const RunOptions options = Options();
+  const RunReport baseline = Baseline(options);
+  // Each batch goes out backwards: later slices' request data before earlier ones,
+  // auxiliary tokens before results, a cancel before the data it cancels.
+  Pair pair = MakePair(options, Forward, /*reverse=*/true);
+  const RunReport report = RunPair(pair, options);
+  EXPECT_TRUE(report.ok()) << Table(report);
+  EXPECT_EQ(report.context.failed + report.generation.failed, 0) << Table(report);
+  ExpectSameTransfer(report, baseline);
+}
+
+// Request data for request 3 is followed by a copy that names other blocks: the
+// context rank must fail request 3 alone (a conflicting duplicate), on both sides.
+TEST(TransceiverControlTest, ConflictingRequestDataFailsOnlyItsRequest) {
+  const RunOptions options = Options();
+  Pair pair = MakePair(options, [](bool to_context, const Message& message) {
+    std::vector<std::string> out = {transfer::EncodeMessage(message)};
+    const auto* data = std::get_if<transfer::RequestData>(&message);
+    if (to_context && data != nullptr && data->unique_rid == 3 && data->slice_id == 1) {
+      transfer::RequestData lie = *data;
+      for (transfer::BlockList& list : lie.block_ids_per_group) {
+        for (int64_t& id : list) id ^= 1;
+      }
+      out.push_back(transfer::EncodeMessage(lie));
+    }
+    return out;
+  });
+  const RunReport report = RunPair(pair, options);
+  for (const SideReport* side : {&report.context, &report.generation}) {
+    SCOPED_TRACE(side->role);
+    EXPECT_EQ(side->failed, 1) << Table(report);
+    ASSERT_EQ(side->failures.size(), 1u) << Table(report);
+    EXPECT_THAT(side->failures[0], HasSubstr("request=3 "));
+    EXPECT_THAT(side->failures[0], HasSubstr("conflicting request data"));
+    EXPECT_EQ(side->succeeded + side->cancelled, side->requests - 1) << Table(report);
+  }
+  EXPECT_EQ(report.generation.mismatches, 0) << Table(report);
+  EXPECT_EQ(report.generation.late_writes, 0) << Table(report);
+}
+
+// A generation rank that guesses: request 5's data names blocks far past the pools
+// it declared. Nothing may be written; request 5 fails alone.
+TEST(TransceiverControlTest, RequestDataNamingBlocksPastThePoolFailsOnlyItsRequest) {
+  const RunOptions options = Options();
+  Pair pair = MakePair(options, [](bool to_context, const Message& message) {
+    const auto* data = std::get_if<transfer::RequestData>(&message);
+    if (!to_context || data == nullptr || data->unique_rid != 5) {
+      return std::vector<std::string>{transfer::EncodeMessage(message)};
+    }
+    transfer::RequestData lie = *data;
+    for (transfer::BlockList& list : lie.block_ids_per_group) {
+      for (int64_t& id : list) id += int64_t{1} << 40;
+    }
+    return std::vector<std::string>{transfer::EncodeMessage(lie)};
+  });
+  const RunReport report = RunPair(pair, options);
+  for (const SideReport* side : {&report.context, &report.generation}) {
+    SCOPED_TRACE(side->role);
+    EXPECT_EQ(side->failed, 1) << Table(report);
+    ASSERT_EQ(side->failures.size(), 1u) << Table(report);
+    EXPECT_THAT(side->failures[0], HasSubstr("request=5 "));
+  }
+  EXPECT_EQ(report.generation.mismatches, 0) << Table(report);
+  EXPECT_EQ(report.generation.late_writes, 0) << Table(report);
+}
+
+// Outsiders: raw bytes, a message cut short, an oversized one, and well-formed
+// messages from a channel no rank shook hands with (results and auxiliary tokens
+// that would finish a request early, a cancel). Counted as bad or dropped; the
+// requests they name still move every byte.
+TEST(TransceiverControlTest, GarbageAndForgedMessagesAreCountedAndChangeNothing) {
+  RunOptions options = Options();
+  options.concurrency = 64;
+  Pair pair = MakePair(options, std::nullopt);
+  const absl::Time deadline = absl::Now() + options.run_timeout;
+  pair.generation->Start(deadline);  // asks for everything; the context waits
+  std::unique_ptr<ControlChannel> outsider = ControlChannel::Create({}).value();
+  const std::string context_address = pair.context->control_addresses()[0];
+  const std::string generation_address = pair.generation->control_addresses()[0];
+  transfer::SliceResult result;
+  result.unique_rid = 1;
+  result.outcome = transfer::SliceOutcome::kSuccess;
+  result.is_last_slice = true;
+  const std::string valid = transfer::EncodeMessage(result);
+  const std::vector<std::string> garbage = {
+      "", std::string(1, '\xc1'), "not msgpack at all", valid.substr(0, valid.size() / 2),
+      std::string(100000, '\xff')};
+  int64_t bad = 0;
+  for (const std::string& to : {context_address, generation_address}) {
+    for (const std::string& bytes : garbage) {
+      ASSERT_OK(outsider->Send(to, bytes));
+      ++bad;
+    }
+  }
+  // Well-formed, from nobody: every plan's last slice "succeeded", its tokens, a cancel.
+  for (const RequestPlan& plan : options.plans) {
+    transfer::SliceResult forged = result;
+    forged.unique_rid = plan.rid;
+    forged.slice_id = static_cast<int64_t>(plan.chunks.size()) - 1;
+    ASSERT_OK(outsider->Send(generation_address, transfer::EncodeMessage(forged)));
+    transfer::AuxTokens aux;
+    aux.unique_rid = plan.rid;
+    aux.tokens = plan.aux_tokens();
+    ASSERT_OK(outsider->Send(generation_address, transfer::EncodeMessage(aux)));
+    transfer::Cancel cancel;
+    cancel.unique_rid = plan.rid;
+    cancel.from = Role::kGeneration;
+    ASSERT_OK(outsider->Send(context_address, transfer::EncodeMessage(cancel)));
+  }
+  // Wait until the ranks have seen all of it, then let the context side run.
+  const absl::Time seen_by = absl::Now() + absl::Seconds(30);
+  auto metrics = [](Instance& instance) { return instance.rank(0).transceiver().metrics(); };
+  while (absl::Now() < seen_by &&
+         (metrics(*pair.context).bad_messages + metrics(*pair.generation).bad_messages < bad ||
+          metrics(*pair.generation).dropped_messages < 2 * static_cast<int64_t>(options.plans.size()) ||
+          metrics(*pair.context).dropped_messages < static_cast<int64_t>(options.plans.size()))) {
+    absl::SleepFor(absl::Milliseconds(5));  // counters cannot be awaited
+  }
+  EXPECT_EQ(metrics(*pair.context).bad_messages + metrics(*pair.generation).bad_messages, bad);
+  // No request finished on a forged result.
+  for (const RequestPlan& plan : options.plans) {
+    absl::StatusOr<transceiver::RequestStatus> status =
+        pair.generation->rank(0).transceiver().GetStatus(plan.rid);
+    if (status.ok()) EXPECT_FALSE(status->final()) << "request=" << plan.rid;
+  }
+  pair.context->Start(deadline);
+  RunReport report;
+  report.generation = pair.generation->Wait();
+  report.context = pair.context->Wait();
+  EXPECT_TRUE(report.ok()) << Table(report);
+  EXPECT_EQ(report.generation.failed + report.context.failed, 0) << Table(report);
+}
+
+}  // namespace
+}  // namespace kvx::harness
