@@ -35,7 +35,10 @@
 #include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 #include "tools/transceiver_harness.h"
+#include "transfer/page_table.h"
 #include "transfer/protocol.h"
+#include "transfer/scenario.h"
+#include "transfer/topology.h"
 
 // The model.
 ABSL_FLAG(int64_t, layers, 4, "model layers; layer l is in group l % (number of --windows)");
@@ -177,6 +180,14 @@ absl::StatusOr<RunOptions> OptionsFromFlags() {
     for (int64_t r = 0; r < side->shape.ranks(); ++r) {
       absl::StatusOr<transfer::Topology> t = RankTopology(side->shape, side->model.num_layers, r);
       if (!t.ok()) return t.status();
+      // The head split and the layout, as each rank will build them.
+      absl::StatusOr<transfer::RankPageTable> table =
+          transfer::BuildStandardPageTable(side->model, *t, 1, 0x10000);
+      if (!table.ok()) {
+        return absl::Status(table.status().code(),
+                            absl::StrCat(role == Role::kContext ? "context" : "generation",
+                                         " instance: ", table.status().message()));
+      }
     }
   }
   return o;
