@@ -195,6 +195,7 @@ void SenderSession::OnSliceEnded(int64_t slice_id, int64_t receiver_rank,
     result.bytes = outcome.bytes;
     result.writes = outcome.writes;
     out->push_back(SendMessage{receiver_rank, std::move(result)});
+    if (!error_.ok()) CancelIfAllDelivered(receiver_rank, out);
   } else {
     ReportFailed(slice_id, receiver_rank, outcome.status, outcome.settled, out);
     if (error_.ok()) {
@@ -234,7 +235,28 @@ void SenderSession::Fail(absl::Status error, std::vector<SessionAction>* out) {
   for (const auto& [key, data] : data_) {
     if (pairs_.count(key) == 0) ReportFailed(key.first, key.second, error_, true, out);
   }
+  for (int64_t receiver : receivers_) CancelIfAllDelivered(receiver, out);
   Advance(out);
+}
+
+// A receiver whose every pair was delivered (SUCCESS sent) would wait for the
+// auxiliary tokens, which a failed request never sends: it hears the failure as a
+// cancel. Called once the request has failed, when no pair of it is in flight.
+void SenderSession::CancelIfAllDelivered(int64_t receiver, std::vector<SessionAction>* out) {
+  if (aux_sent_) return;
+  bool asked = false;
+  for (const auto& [key, state] : pairs_) {
+    if (key.second != receiver) continue;
+    if (state != PairState::kDelivered) return;
+    asked = true;
+  }
+  if (!asked) return;
+  transfer::Cancel cancel;
+  cancel.unique_rid = unique_rid_;
+  cancel.sender_rank = self_rank_;
+  cancel.from = Role::kContext;
+  cancel.reason = BoundedReason(error_.message());
+  out->push_back(SendMessage{receiver, std::move(cancel)});
 }
 
 void SenderSession::Cancel(absl::string_view reason, std::vector<SessionAction>* out) {

@@ -169,6 +169,7 @@ class SenderSession {
   void ReportFailed(int64_t slice_id, int64_t receiver, const absl::Status& error,
                     bool settled, std::vector<SessionAction>* out);
   void Advance(std::vector<SessionAction>* out);
+  void CancelIfAllDelivered(int64_t receiver, std::vector<SessionAction>* out);
   bool Expected(int64_t receiver) const { return receivers_.count(receiver) > 0; }
 
   const uint64_t unique_rid_;

@@ -197,6 +197,37 @@ TEST(SenderSessionTest, CancelBeforeTheTaskPostsNothing) {
   EXPECT_EQ(results[0].second.code, static_cast<int32_t>(absl::StatusCode::kAborted));
 }
 
+// Found by //tools:transceiver_e2e_test (issue 9): a receiver whose pairs were all
+// delivered (SUCCESS sent) waits for the auxiliary tokens, which go out only once
+// every receiver is done. When the request then failed or was cancelled, that
+// receiver heard nothing more and hung until its own deadline.
+TEST(SenderSessionTest, AReceiverThatGotEverythingIsToldWhenTheRequestFailsBeforeItsAux) {
+  for (const bool delivered_before_cancel : {true, false}) {
+    SCOPED_TRACE(delivered_before_cancel ? "delivered, then cancel" : "cancel while in flight");
+    SenderSession s(7, 0);
+    s.ExpectReceivers({0, 1});
+    std::vector<SessionAction> actions;
+    ASSERT_OK(s.AddSlice(0, Slice(0, 32, true, {10, 11}), {5}, kFar, &actions));
+    s.OnRequestData(Data(0, 0, true), &actions);
+    ASSERT_EQ(Only<PostSlice>(actions).size(), 1u);
+    if (delivered_before_cancel) s.OnSliceEnded(0, 0, Delivered(), &actions);
+    s.Cancel("engine gave up", &actions);
+    // Delivered anyway (a write in flight is never interrupted): SUCCESS stands.
+    if (!delivered_before_cancel) s.OnSliceEnded(0, 0, Delivered(), &actions);
+    EXPECT_EQ(s.state(), SessionState::kCancelled);
+    EXPECT_THAT(Sent<AuxTokens>(actions), IsEmpty());
+    const auto results = Sent<SliceResult>(actions);
+    ASSERT_EQ(results.size(), 1u);
+    EXPECT_EQ(results[0].second.outcome, SliceOutcome::kSuccess);
+    // Receiver 0 must not wait for tokens that will never come.
+    const auto cancels = Sent<Cancel>(actions);
+    ASSERT_EQ(cancels.size(), 1u);
+    EXPECT_EQ(cancels[0].first, 0);
+    EXPECT_EQ(cancels[0].second.from, Role::kContext);
+    EXPECT_EQ(cancels[0].second.unique_rid, 7u);
+  }
+}
+
 TEST(SenderSessionTest, DeadlineWithoutRequestDataFailsSettled) {
   SenderSession s(7, 0);
   std::vector<SessionAction> actions;
