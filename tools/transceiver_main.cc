@@ -237,6 +237,9 @@ int RunOneSide(const RunOptions& options, Role role) {
   };
   hooks.on_report = [&](const SideReport& report) {
     const bool context = role == Role::kContext;
+    // Before the report goes out: the parent may close our stdin as soon as it has
+    // read it, and that is then a clean end.
+    finished.store(true);
     if (json_only) {
       PrintLine(ToJson(report));  // with the samples: the parent computes the table
     } else {
@@ -248,7 +251,6 @@ int RunOneSide(const RunOptions& options, Role role) {
       PrintLine(Document(context ? "context" : "generation", context ? &report : nullptr,
                          context ? nullptr : &report, report.seconds));
     }
-    finished.store(true);
     if (absl::GetFlag(FLAGS_exit_on_stdin_eof)) {
       // The demo closes our stdin once the other side is done; until then the
       // ranks keep answering (a late request data gets its FAILED at once).
