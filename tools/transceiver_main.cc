@@ -72,7 +72,7 @@ ABSL_FLAG(std::string, control_host, "127.0.0.1",
 ABSL_FLAG(std::vector<std::string>, context_addresses, {},
           "generation: the context ranks' control addresses, in rank order, comma-separated");
 // The workload.
-ABSL_FLAG(int64_t, requests, 200, "requests in the stream");
+ABSL_FLAG(int64_t, requests, 3000, "requests in the stream");
 ABSL_FLAG(uint64_t, seed, 1, "the stream's seed; both sides must use the same");
 ABSL_FLAG(uint64_t, first_rid, 1, "the first request id");
 ABSL_FLAG(int64_t, min_prompt, 16, "shortest prompt, tokens");
