@@ -197,6 +197,17 @@ absl::StatusOr<double> TransportBench(const std::string& path, uint64_t size) {
   }
 }
 
+// Every layer in one full-attention group, so every block of a request moves.
+ModelOptions FullAttention(int64_t layers, int64_t heads, int64_t head_size) {
+  ModelOptions model;
+  model.num_layers = layers;
+  model.num_kv_heads = heads;
+  model.head_size = head_size;
+  model.tokens_per_block = 16;
+  model.windows = {std::nullopt};
+  return model;
+}
+
 void Header(const char* title, const char* columns) {
   std::printf("\n# %s\n%s\n", title, columns);
 }
@@ -204,12 +215,7 @@ void Header(const char* title, const char* columns) {
 absl::Status Bandwidth(const char* argv0, json* out) {
   // All full attention (everything moves), a 512 KiB block: 8 layers x K,V x 8 heads
   // x 16 tokens x 128 x 2 bytes.
-  ModelOptions model;
-  model.num_layers = 8;
-  model.num_kv_heads = 8;
-  model.head_size = 128;
-  model.tokens_per_block = 16;
-  model.windows = {std::nullopt};
+  const ModelOptions model = FullAttention(8, 8, 128);
   const uint64_t block_bytes = 8 * 2 * 8 * 16 * 128 * 2;
   std::vector<uint64_t> sizes;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sizes), ',')) {
@@ -295,15 +301,7 @@ absl::Status Bandwidth(const char* argv0, json* out) {
 }
 
 // The small model of the overhead and rate rows: one 2 KiB block.
-ModelOptions OneBlockModel() {
-  ModelOptions model;
-  model.num_layers = 1;
-  model.num_kv_heads = 1;
-  model.head_size = 64;
-  model.tokens_per_block = 16;
-  model.windows = {std::nullopt};
-  return model;
-}
+ModelOptions OneBlockModel() { return FullAttention(1, 1, 64); }
 
 absl::StatusOr<double> ZeroMqRoundTripUs(int64_t n) {
   absl::StatusOr<std::unique_ptr<transfer::ControlChannel>> a = transfer::ControlChannel::Create({});

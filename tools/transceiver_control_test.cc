@@ -144,16 +144,6 @@ class ControlProxy {
   std::thread thread_;
 };
 
-RequestPlan Plan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens = 0,
-                 std::vector<Chunk> chunks = {}) {
-  RequestPlan plan;
-  plan.rid = rid;
-  plan.prompt_len = prompt_len;
-  plan.hit_tokens = hit_tokens;
-  plan.chunks = chunks.empty() ? std::vector<Chunk>{{0, prompt_len}} : std::move(chunks);
-  return plan;
-}
-
 RunOptions Options(bool with_cancel = true) {
   RunOptions options;
   options.model.num_layers = 4;
@@ -167,13 +157,13 @@ RunOptions Options(bool with_cancel = true) {
   options.request_timeout = absl::Seconds(20);
   options.run_timeout = absl::Seconds(60);
   const std::vector<Chunk> three = {{0, 10}, {10, 40}, {40, 64}};
-  options.plans = {Plan(1, 37), Plan(2, 37, 6), Plan(3, 64, 0, three), Plan(4, 64, 17, three),
-                   Plan(5, 100), Plan(6, 36, 36), Plan(7, 13, 4), Plan(8, 64, 0, three)};
+  options.plans = {MakePlan(1, 37), MakePlan(2, 37, 6), MakePlan(3, 64, 0, three), MakePlan(4, 64, 17, three),
+                   MakePlan(5, 100), MakePlan(6, 36, 36), MakePlan(7, 13, 4), MakePlan(8, 64, 0, three)};
   options.plans[4].keep_stale = true;
   options.plans[6].draft_block = true;
   // Cancelled by the generation side before it asks (so it always wins, and the
   // runs compare): its cancel may overtake its own request data.
-  RequestPlan cancelled = Plan(9, 64, 0, three);
+  RequestPlan cancelled = MakePlan(9, 64, 0, three);
   cancelled.cancel = CancelWhen::kBefore;
   cancelled.cancel_side = Role::kGeneration;
   if (with_cancel) options.plans.push_back(cancelled);
@@ -274,6 +264,20 @@ TEST(TransceiverControlTest, ReorderedMessagesMoveEveryByte) {
   ExpectHarmless(Forward, /*reverse=*/true);
 }
 
+// Request `rid` failed on both sides, saying `why`; every other request is clean.
+void ExpectOnlyFailed(const RunReport& report, uint64_t rid, const std::string& why) {
+  for (const SideReport* side : {&report.context, &report.generation}) {
+    SCOPED_TRACE(side->role);
+    EXPECT_EQ(side->failed, 1) << Table(report);
+    ASSERT_EQ(side->failures.size(), 1u) << Table(report);
+    EXPECT_THAT(side->failures[0], HasSubstr(absl::StrCat("request=", rid, " ")));
+    EXPECT_THAT(side->failures[0], HasSubstr(why));
+    EXPECT_EQ(side->succeeded + side->cancelled, side->requests - 1) << Table(report);
+  }
+  EXPECT_EQ(report.generation.mismatches, 0) << Table(report);
+  EXPECT_EQ(report.generation.late_writes, 0) << Table(report);
+}
+
 // Request data for request 3 is followed by a copy that names other blocks: the
 // context rank must fail request 3 alone (a conflicting duplicate), on both sides.
 TEST(TransceiverControlTest, ConflictingRequestDataFailsOnlyItsRequest) {
@@ -290,17 +294,7 @@ TEST(TransceiverControlTest, ConflictingRequestDataFailsOnlyItsRequest) {
     }
     return out;
   });
-  const RunReport report = RunPair(pair, options);
-  for (const SideReport* side : {&report.context, &report.generation}) {
-    SCOPED_TRACE(side->role);
-    EXPECT_EQ(side->failed, 1) << Table(report);
-    ASSERT_EQ(side->failures.size(), 1u) << Table(report);
-    EXPECT_THAT(side->failures[0], HasSubstr("request=3 "));
-    EXPECT_THAT(side->failures[0], HasSubstr("conflicting request data"));
-    EXPECT_EQ(side->succeeded + side->cancelled, side->requests - 1) << Table(report);
-  }
-  EXPECT_EQ(report.generation.mismatches, 0) << Table(report);
-  EXPECT_EQ(report.generation.late_writes, 0) << Table(report);
+  ExpectOnlyFailed(RunPair(pair, options), 3, "conflicting request data");
 }
 
 // A generation rank that guesses: request 5's data names blocks far past the pools
@@ -318,15 +312,7 @@ TEST(TransceiverControlTest, RequestDataNamingBlocksPastThePoolFailsOnlyItsReque
     }
     return std::vector<std::string>{transfer::EncodeMessage(lie)};
   });
-  const RunReport report = RunPair(pair, options);
-  for (const SideReport* side : {&report.context, &report.generation}) {
-    SCOPED_TRACE(side->role);
-    EXPECT_EQ(side->failed, 1) << Table(report);
-    ASSERT_EQ(side->failures.size(), 1u) << Table(report);
-    EXPECT_THAT(side->failures[0], HasSubstr("request=5 "));
-  }
-  EXPECT_EQ(report.generation.mismatches, 0) << Table(report);
-  EXPECT_EQ(report.generation.late_writes, 0) << Table(report);
+  ExpectOnlyFailed(RunPair(pair, options), 5, "dst block id outside its pool");
 }
 
 // Outsiders: raw bytes, a message cut short, an oversized one, and well-formed

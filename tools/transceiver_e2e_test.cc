@@ -47,16 +47,6 @@ ModelOptions Tiny(std::vector<std::optional<int64_t>> windows = {std::nullopt, 1
   return model;
 }
 
-RequestPlan Plan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens = 0,
-                 std::vector<Chunk> chunks = {}) {
-  RequestPlan plan;
-  plan.rid = rid;
-  plan.prompt_len = prompt_len;
-  plan.hit_tokens = hit_tokens;
-  plan.chunks = chunks.empty() ? std::vector<Chunk>{{0, prompt_len}} : std::move(chunks);
-  return plan;
-}
-
 RequestPlan Cancelled(RequestPlan plan, CancelWhen when, Role side) {
   plan.cancel = when;
   plan.cancel_side = side;
@@ -68,24 +58,24 @@ RequestPlan Cancelled(RequestPlan plan, CancelWhen when, Role side) {
 std::vector<RequestPlan> Matrix(int64_t context_dp, int64_t generation_dp) {
   const std::vector<Chunk> three = {{0, 10}, {10, 40}, {40, 64}};
   std::vector<RequestPlan> plans = {
-      Plan(1, 37),                                   // no hit
-      Plan(2, 37, 3),                                // a hit inside the first block: none
-      Plan(3, 37, 6),                                // a partial block: one block cached
-      Plan(4, 37, 20),                               // whole blocks
-      Plan(5, 37, 37),                               // the whole prompt but its last block
-      Plan(6, 36, 36),                               // the whole prompt: nothing moves
-      Plan(7, 1),                                    // one token
-      Plan(8, 64, 0, three),                         // chunked
-      Plan(9, 64, 17, three),                        // chunked behind a hit
-      Plan(10, 64, 0, {{0, 12}, {12, 13}, {13, 64}}),  // a one-token chunk
-      Plan(11, 100),
-      Plan(12, 13, 4),
-      Cancelled(Plan(13, 64), CancelWhen::kBefore, Role::kGeneration),
-      Cancelled(Plan(14, 64), CancelWhen::kBefore, Role::kContext),
-      Cancelled(Plan(15, 64, 0, three), CancelWhen::kDuring, Role::kGeneration),
-      Cancelled(Plan(16, 64, 0, three), CancelWhen::kDuring, Role::kContext),
-      Cancelled(Plan(17, 64), CancelWhen::kAfter, Role::kGeneration),
-      Cancelled(Plan(18, 64, 8, three), CancelWhen::kAfter, Role::kContext),
+      MakePlan(1, 37),                                   // no hit
+      MakePlan(2, 37, 3),                                // a hit inside the first block: none
+      MakePlan(3, 37, 6),                                // a partial block: one block cached
+      MakePlan(4, 37, 20),                               // whole blocks
+      MakePlan(5, 37, 37),                               // the whole prompt but its last block
+      MakePlan(6, 36, 36),                               // the whole prompt: nothing moves
+      MakePlan(7, 1),                                    // one token
+      MakePlan(8, 64, 0, three),                         // chunked
+      MakePlan(9, 64, 17, three),                        // chunked behind a hit
+      MakePlan(10, 64, 0, {{0, 12}, {12, 13}, {13, 64}}),  // a one-token chunk
+      MakePlan(11, 100),
+      MakePlan(12, 13, 4),
+      Cancelled(MakePlan(13, 64), CancelWhen::kBefore, Role::kGeneration),
+      Cancelled(MakePlan(14, 64), CancelWhen::kBefore, Role::kContext),
+      Cancelled(MakePlan(15, 64, 0, three), CancelWhen::kDuring, Role::kGeneration),
+      Cancelled(MakePlan(16, 64, 0, three), CancelWhen::kDuring, Role::kContext),
+      Cancelled(MakePlan(17, 64), CancelWhen::kAfter, Role::kGeneration),
+      Cancelled(MakePlan(18, 64, 8, three), CancelWhen::kAfter, Role::kContext),
   };
   plans[10].keep_stale = true;
   plans[10].draft_block = true;
@@ -251,47 +241,38 @@ bool WaitForState(Instance& instance, absl::Span<const RequestPlan> plans, Sessi
   return false;
 }
 
-class TransceiverOrderTest : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(TransceiverOrderTest, GenerationSideFirst) {
-  RunOptions options = Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
-  options.concurrency = 64;  // every request is asked for before the context starts
-  ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
-  const absl::Time deadline = absl::Now() + options.run_timeout;
-  pair.generation->Start(deadline);
-  std::vector<RequestPlan> waiting;
-  for (const RequestPlan& plan : options.plans) {
-    if (plan.cancel == CancelWhen::kNone) waiting.push_back(plan);
+class TransceiverOrderTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  // `first` issues every request before the other side starts: the generation
+  // side until each request's data went out (READY), the context side until each
+  // rank holds every task (INIT: waiting for request data).
+  void RunWithFirst(Role first) {
+    RunOptions options =
+        Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
+    options.concurrency = 64;  // every request at once
+    ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
+    Instance& early = first == Role::kContext ? *pair.context : *pair.generation;
+    Instance& late = first == Role::kContext ? *pair.generation : *pair.context;
+    const absl::Time deadline = absl::Now() + options.run_timeout;
+    early.Start(deadline);
+    std::vector<RequestPlan> waiting;
+    for (const RequestPlan& plan : options.plans) {
+      if (plan.cancel == CancelWhen::kNone) waiting.push_back(plan);
+    }
+    ASSERT_TRUE(WaitForState(early, waiting,
+                             first == Role::kContext ? SessionState::kInit : SessionState::kReady,
+                             absl::Now() + absl::Seconds(30)));
+    late.Start(deadline);
+    RunReport report;
+    report.generation = pair.generation->Wait();
+    report.context = pair.context->Wait();
+    ExpectClean(report, options.plans);
   }
-  // Every request data went out (READY) before the context engine's first call.
-  ASSERT_TRUE(WaitForState(*pair.generation, waiting, SessionState::kReady,
-                           absl::Now() + absl::Seconds(30)));
-  pair.context->Start(deadline);
-  RunReport report;
-  report.generation = pair.generation->Wait();
-  report.context = pair.context->Wait();
-  ExpectClean(report, options.plans);
-}
+};
 
-TEST_P(TransceiverOrderTest, ContextSideFirst) {
-  RunOptions options = Options(GetParam(), Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
-  options.concurrency = 64;
-  ASSERT_OK_AND_ASSIGN(Pair pair, MakePair(options));
-  const absl::Time deadline = absl::Now() + options.run_timeout;
-  pair.context->Start(deadline);
-  std::vector<RequestPlan> waiting;
-  for (const RequestPlan& plan : options.plans) {
-    if (plan.cancel == CancelWhen::kNone) waiting.push_back(plan);
-  }
-  // Every context rank holds every task (INIT: waiting for request data).
-  ASSERT_TRUE(WaitForState(*pair.context, waiting, SessionState::kInit,
-                           absl::Now() + absl::Seconds(30)));
-  pair.generation->Start(deadline);
-  RunReport report;
-  report.generation = pair.generation->Wait();
-  report.context = pair.context->Wait();
-  ExpectClean(report, options.plans);
-}
+TEST_P(TransceiverOrderTest, GenerationSideFirst) { RunWithFirst(Role::kGeneration); }
+
+TEST_P(TransceiverOrderTest, ContextSideFirst) { RunWithFirst(Role::kContext); }
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransceiverOrderTest, ::testing::Values("loopback", "tcp"));
 
@@ -302,7 +283,7 @@ TEST(TransceiverFaultTest, CancelWhileTheWritesAreInFlight) {
   RunOptions options = Options("loopback", Tiny(), Shape{2, 1, {}, false}, Shape{1, 1, {}, false});
   options.plans.clear();
   for (uint64_t rid = 1; rid <= 8; ++rid) {
-    options.plans.push_back(Cancelled(Plan(rid, 64, 0, {{0, 30}, {30, 64}}), CancelWhen::kDuring,
+    options.plans.push_back(Cancelled(MakePlan(rid, 64, 0, {{0, 30}, {30, 64}}), CancelWhen::kDuring,
                                       rid % 2 == 0 ? Role::kContext : Role::kGeneration));
   }
   options.concurrency = 8;
@@ -323,7 +304,7 @@ TEST(TransceiverFaultTest, CancelWhileTheWritesAreInFlight) {
   EXPECT_EQ(report.context.cancelled, 8) << table;
 
   std::vector<RequestPlan> after;
-  for (uint64_t rid = 101; rid <= 116; ++rid) after.push_back(Plan(rid, 64, 0));
+  for (uint64_t rid = 101; rid <= 116; ++rid) after.push_back(MakePlan(rid, 64, 0));
   pair.context->Reset(after);
   pair.generation->Reset(after);
   pair.context->Start(absl::Now() + options.run_timeout);
@@ -337,7 +318,7 @@ TEST(TransceiverFaultTest, CancelWhileTheWritesAreInFlight) {
 TEST(TransceiverFaultTest, AFailedWriteFailsOnlyItsRequest) {
   RunOptions options = Options("loopback", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false});
   options.plans.clear();
-  for (uint64_t rid = 1; rid <= 12; ++rid) options.plans.push_back(Plan(rid, 40));
+  for (uint64_t rid = 1; rid <= 12; ++rid) options.plans.push_back(MakePlan(rid, 40));
   options.concurrency = 1;  // one at a time: the failed write belongs to one request
   options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
     auto faulty = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
@@ -404,7 +385,7 @@ class Misdirecting final : public transport::Transport {
 
 TEST(TransceiverFaultTest, MisplacedBytesAreCaught) {
   RunOptions options = Options("loopback", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false});
-  options.plans = {Plan(1, 40), Plan(2, 40, 16)};
+  options.plans = {MakePlan(1, 40), MakePlan(2, 40, 16)};
   options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
     return std::unique_ptr<transport::Transport>(std::make_unique<Misdirecting>(std::move(inner)));
   };

@@ -142,6 +142,10 @@ struct RequestPlan {
   std::vector<int64_t> aux_tokens() const;
 };
 
+// One request, one slice [0, prompt_len) unless `chunks` are given; no cancel.
+RequestPlan MakePlan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens = 0,
+                     std::vector<Chunk> chunks = {});
+
 struct WorkloadOptions {
   int64_t requests = 64;
   uint64_t seed = 1;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -132,6 +133,16 @@ absl::string_view CancelWhenName(CancelWhen when) {
 std::vector<int64_t> RequestPlan::aux_tokens() const {
   // The first generated token and a draft token, different for every request.
   return {static_cast<int64_t>(rid % 50000) + 1, prompt_len};
+}
+
+RequestPlan MakePlan(uint64_t rid, int64_t prompt_len, int64_t hit_tokens,
+                     std::vector<Chunk> chunks) {
+  RequestPlan plan;
+  plan.rid = rid;
+  plan.prompt_len = prompt_len;
+  plan.hit_tokens = hit_tokens;
+  plan.chunks = chunks.empty() ? std::vector<Chunk>{{0, prompt_len}} : std::move(chunks);
+  return plan;
 }
 
 absl::StatusOr<std::vector<RequestPlan>> MakeWorkload(const WorkloadOptions& options,
