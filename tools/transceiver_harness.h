@@ -21,7 +21,8 @@
 // released and checked when allocated again, so a byte that lands after a request
 // was reported final (transceiver guarantee 1) is caught.
 //
-//   harness::RunOptions options;          // TP2 -> TP1, loopback, 16 requests
+//   harness::RunOptions options;          // TP2 -> TP1 by default
+//   options.transport.kind = "loopback";  // both instances in this process
 //   options.workload.requests = 16;
 //   absl::StatusOr<harness::RunReport> report = harness::RunInProcess(options);
 //   // report->generation.succeeded == 16 - cancelled; report->ok()
