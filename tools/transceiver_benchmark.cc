@@ -50,7 +50,7 @@
 
 ABSL_FLAG(std::string, transport, "tcp", "tcp (tcp;ofi_rxm), shm or loopback");
 ABSL_FLAG(std::string, sizes, "67108864,268435456", "bytes of KV per large request");
-ABSL_FLAG(int64_t, iters, 5, "large requests per size (after one warm-up)");
+ABSL_FLAG(int64_t, iters, 10, "large requests per size (after one warm-up)");
 ABSL_FLAG(int64_t, overhead_requests, 2000, "one-block requests, one at a time");
 ABSL_FLAG(int64_t, rate_requests, 5000, "one-block requests for the rate");
 ABSL_FLAG(int64_t, window, 64, "one-block requests in flight for the rate");
