@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -44,7 +45,11 @@ struct Side {
   RunOptions options;
 };
 
-Side MakeSide(uint64_t first_rid, int64_t requests, int64_t min_prompt, int64_t max_prompt) {
+// `owed`: requests at the end of the stream that only the generation side has (the
+// first `requests` plans are the same for both: the stream is drawn in order), so
+// the context side holds their request data and never sends them.
+Side MakeSide(uint64_t first_rid, int64_t requests, int64_t min_prompt, int64_t max_prompt,
+              int64_t owed = 0) {
   Side side;
   side.flags = {"--transport=tcp",
                 "--context_tp=1",
@@ -64,7 +69,7 @@ Side MakeSide(uint64_t first_rid, int64_t requests, int64_t min_prompt, int64_t 
   RunOptions& o = side.options;
   o.context.tp = 1;
   o.transport.kind = "tcp";
-  o.workload.requests = requests;
+  o.workload.requests = requests + owed;
   o.workload.first_rid = first_rid;
   o.workload.seed = 11;
   o.workload.min_prompt = min_prompt;
@@ -74,7 +79,7 @@ Side MakeSide(uint64_t first_rid, int64_t requests, int64_t min_prompt, int64_t 
   o.workload.cancel_rate = 0;
   // Every request is asked for at once, so that the ones the dead side owes all
   // end within one timeout of each other.
-  o.concurrency = requests;
+  o.concurrency = requests + owed;
   // A dead peer says nothing: the generation side learns it from its deadline.
   o.request_timeout = absl::Seconds(8);
   o.run_timeout = absl::Seconds(120);
@@ -122,8 +127,9 @@ class TransceiverKillTest : public ::testing::Test {
 };
 
 TEST_F(TransceiverKillTest, ContextKilledMidTransferFailsOnlyWhatItOwedAndARestartServes) {
-  // Long prompts, so that requests are in flight when the child dies.
-  Side first = MakeSide(1, 40, 2048, 4096);
+  // Long prompts, so that requests are in flight when the child dies; four more
+  // that it certainly owes when it dies.
+  Side first = MakeSide(1, 40, 2048, 4096, /*owed=*/4);
   std::unique_ptr<ChildProcess> child;
   ASSERT_OK_AND_ASSIGN(std::vector<std::string> addresses, StartContext(first, &child));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Instance> generation, Generation(first));
@@ -149,10 +155,13 @@ TEST_F(TransceiverKillTest, ContextKilledMidTransferFailsOnlyWhatItOwedAndAResta
   // Every request the dead side owed ends by its deadline and the report grace
   // (8 s + 0.5 s), and no later.
   EXPECT_LT(absl::Now() - killed, absl::Seconds(15)) << table;
-  EXPECT_EQ(report.requests, 40);
+  EXPECT_EQ(report.requests, 44);
   EXPECT_GE(report.succeeded, 3) << table;
-  EXPECT_GE(report.failed, 1) << table;
-  EXPECT_EQ(report.succeeded + report.failed, 40) << table;
+  EXPECT_GE(report.failed, 4) << table;
+  EXPECT_EQ(report.succeeded + report.failed, 44) << table;
+  // How many of the child's own 40 the kill cut off (usually most of them).
+  std::printf("killed after %d succeeded; %d of the child's requests cut off\n",
+              static_cast<int>(report.succeeded), static_cast<int>(report.failed - 4));
   EXPECT_EQ(report.mismatches, 0) << table;
   EXPECT_EQ(report.late_writes, 0) << table;
   for (const std::string& failure : report.failures) {
