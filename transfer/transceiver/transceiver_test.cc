@@ -281,8 +281,11 @@ TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) 
     const uint64_t rid = cancel_first ? 22 : 23;
     context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
     generation_->manager.AddRequestFromTables(rid, std::nullopt, {{50, 51, 52, 53}});
+    ContextRequest send;
+    send.unique_rid = rid;
+    send.prompt_len = 16;
     if (cancel_first) ASSERT_OK(context_->transceiver->CancelRequest(rid));
-    ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+    ASSERT_OK(context_->transceiver->RespondAndSendAsync(send));
     if (!cancel_first) ASSERT_OK(context_->transceiver->CancelRequest(rid));
     EXPECT_EQ(OneContext().state, SessionState::kCancelled);
     GenerationRequest receive;
