@@ -694,12 +694,22 @@ void ReadRankInfo(Decoder* d, const Value& v, RankInfo* info) {
     d->Fail(s.code(), page_table.path, s.message());
     return;
   }
-  // Valid topology: 0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size, but their
-  // product may still overflow for a hostile tp_size.
+  // A valid topology has sizes >= 1 but no upper bound on tp_size, and whoever
+  // pairs ranks loops over every rank of the peer's instance (ComputePeerOverlap):
+  // bound the instance, not only each field.
   const Topology& t = info->page_table.topology;
-  int64_t expected = 0;
-  if (__builtin_mul_overflow(t.pp_rank, t.tp_size, &expected) ||
-      __builtin_add_overflow(expected, t.tp_rank, &expected) || expected != info->rank) {
+  const size_t max_ranks = d->limits().max_ranks;
+  int64_t ranks = 0;
+  if (__builtin_mul_overflow(t.tp_size, t.pp_size, &ranks) ||
+      static_cast<uint64_t>(ranks) > max_ranks) {
+    const Path topology{&page_table.path, "topology"};
+    d->Fail(absl::StatusCode::kResourceExhausted, topology,
+            absl::StrCat("too many ranks: tp_size=", t.tp_size, " pp_size=", t.pp_size,
+                         " max_ranks=", max_ranks));
+    return;
+  }
+  // pp_rank * tp_size + tp_rank < ranks: no overflow.
+  if (t.pp_rank * t.tp_size + t.tp_rank != info->rank) {
     d->Invalid(rank.path, absl::StrCat("rank does not match its topology: rank=",
                                        info->rank, " tp_size=", t.tp_size,
                                        " tp_rank=", t.tp_rank, " pp_rank=", t.pp_rank));

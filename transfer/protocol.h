@@ -181,6 +181,9 @@ struct DecodeLimits {
   // topology.layers_per_pp_rank.
   size_t max_layers = 65536;
   size_t max_aux_tokens = 4096;
+  // tp_size * pp_size of a rank info's topology: every rank of a peer instance
+  // is a loop iteration when ranks are paired.
+  size_t max_ranks = 65536;
 };
 
 // Serializes `message` (msgpack, PROTOCOL.md). Never fails: a value the decoder

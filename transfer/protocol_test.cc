@@ -790,20 +790,36 @@ TEST(Protocol, RejectsPageTablesThatFailValidation) {
                        "rank=2 tp_size=4 tp_rank=1 pp_rank=2"));
 }
 
-TEST(Protocol, RankCheckDoesNotOverflowOnAHostileTopology) {
+TEST(Protocol, BoundsTheRanksOfAValidTopology) {
+  // Every field is valid and the head split works, but the instance has 3 x 2^62
+  // ranks: a loop over them would never end, and pp_rank * tp_size overflows.
   RankInfoRequest request{ValidRankInfo()};
   RankPageTable& table = request.sender.page_table = MinimalTable();
   table.num_kv_heads = 4;
-  // pp_rank * tp_size = 2^63: one past int64.
   table.topology =
       MakeTopology(int64_t{1} << 62, {1, 1, 1}, /*tp_rank=*/1, /*pp_rank=*/2);
   ASSERT_THAT(ValidatePageTable(table), IsOk());
   request.sender.rank = 5;
-  EXPECT_THAT(DecodeMessage(EncodeMessage(request)),
+  const std::string bytes = EncodeMessage(request);
+  EXPECT_THAT(DecodeMessage(bytes),
+              StatusIs(kExhausted,
+                       "RankInfoRequest.sender.page_table.topology: too many "
+                       "ranks: tp_size=4611686018427387904 pp_size=3 "
+                       "max_ranks=65536"));
+  // Even without a bound on ranks the product is refused, not overflowed.
+  DecodeLimits limits;
+  limits.max_ranks = std::numeric_limits<size_t>::max();
+  EXPECT_THAT(
+      DecodeMessage(bytes, limits),
+      StatusIs(kExhausted, HasSubstr("too many ranks: tp_size=4611686018427387904 "
+                                     "pp_size=3 max_ranks=18446744073709551615")));
+  // An instance of 2^62 ranks within the bound: the rank is checked exactly.
+  table.topology = MakeTopology(int64_t{1} << 62, {1}, /*tp_rank=*/1);
+  EXPECT_THAT(DecodeMessage(EncodeMessage(request), limits),
               StatusIs(kInvalid,
                        "RankInfoRequest.sender.rank: rank does not match its "
                        "topology: rank=5 tp_size=4611686018427387904 tp_rank=1 "
-                       "pp_rank=2"));
+                       "pp_rank=0"));
 }
 
 TEST(Protocol, RejectsGrantsThatAreNotOnePerPool) {
@@ -938,6 +954,9 @@ TEST(Protocol, EnforcesDecodeLimits) {
       {"layer entries", reply, [](DecodeLimits& l, size_t n) { l.max_layers = n; }, 9,
        "RankInfoReply.sender.page_table.topology.layers_per_pp_rank: too many layer "
        "entries: total=9 max_layers=8"},
+      {"ranks (TP4 x PP3)", reply, [](DecodeLimits& l, size_t n) { l.max_ranks = n; }, 12,
+       "RankInfoReply.sender.page_table.topology: too many ranks: tp_size=4 pp_size=3 "
+       "max_ranks=11"},
       {"aux tokens", Typical("AuxTokens"),
        [](DecodeLimits& l, size_t n) { l.max_aux_tokens = n; }, 3,
        "AuxTokens.tokens: too many tokens: total=3 max_aux_tokens=2"},
