@@ -690,13 +690,9 @@ void ReadRankInfo(Decoder* d, const Value& v, RankInfo* info) {
   ReadPageTable(d, page_table, &info->page_table);
   if (!d->ok()) return;
 
-  if (absl::Status s = ValidatePageTable(info->page_table); !s.ok()) {
-    d->Fail(s.code(), page_table.path, s.message());
-    return;
-  }
-  // A valid topology has sizes >= 1 but no upper bound on tp_size, and whoever
-  // pairs ranks loops over every rank of the peer's instance (ComputePeerOverlap):
-  // bound the instance, not only each field.
+  // Whoever pairs ranks loops over every rank of the peer's instance
+  // (ComputePeerOverlap): bound the instance first, by the decoder's own limit (the
+  // page table's validation has a fixed one too).
   const Topology& t = info->page_table.topology;
   const size_t max_ranks = d->limits().max_ranks;
   int64_t ranks = 0;
@@ -708,6 +704,11 @@ void ReadRankInfo(Decoder* d, const Value& v, RankInfo* info) {
                          " max_ranks=", max_ranks));
     return;
   }
+  if (absl::Status s = ValidatePageTable(info->page_table); !s.ok()) {
+    d->Fail(s.code(), page_table.path, s.message());
+    return;
+  }
+
   // pp_rank * tp_size + tp_rank < ranks: no overflow.
   if (t.pp_rank * t.tp_size + t.tp_rank != info->rank) {
     d->Invalid(rank.path, absl::StrCat("rank does not match its topology: rank=",

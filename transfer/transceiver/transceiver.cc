@@ -208,7 +208,8 @@ struct Transceiver::Impl {
   std::priority_queue<std::pair<absl::Time, uint64_t>, std::vector<std::pair<absl::Time, uint64_t>>,
                       std::greater<>>
       timers;
-  // Reused across requests (the hot path allocates little).
+  // Reused across requests (the hot path allocates little once warm).
+  std::vector<transfer::GroupPairing> pairs;
   transfer::FragmentPlan plan;
   std::vector<transport::WriteOp> ops;
 
@@ -1139,18 +1140,19 @@ void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t re
   pairing.dst_start_token = data->dst_start_token;
   pairing.request_id = static_cast<int64_t>(e.session.unique_rid());
   pairing.slice_id = slice_id;
-  absl::StatusOr<std::vector<transfer::GroupPairing>> pairs =
-      transfer::PairSliceBlocks(*slice, dst, pairing);
-  if (!pairs.ok()) return fail(pairs.status());
+  if (absl::Status paired = transfer::PairSliceBlocksInto(*slice, dst, pairing, &pairs);
+      !paired.ok()) {
+    return fail(paired);
+  }
   transfer::PlanContext context;
   context.request_id = static_cast<int64_t>(e.session.unique_rid());
   context.slice_id = slice_id;
   context.src_state_slot = e.state_slot;
   context.dst_state_slot = data->state_slot;
-  absl::Status planned = peer.planner->PlanInto(*pairs, context, &plan);
+  absl::Status planned = peer.planner->PlanInto(pairs, context, &plan);
   if (!planned.ok()) return fail(planned);
   int64_t paired = 0;
-  for (const transfer::GroupPairing& g : *pairs) paired += static_cast<int64_t>(g.src.size());
+  for (const transfer::GroupPairing& g : pairs) paired += static_cast<int64_t>(g.src.size());
   int64_t held = 0;
   for (const transfer::BlockList& list : slice->block_ids_per_layer_group) {
     held += static_cast<int64_t>(list.size());
