@@ -202,6 +202,9 @@ struct Transceiver::Impl {
   std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
   std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
   std::map<uint64_t, absl::Time> cancelled_early;  // rid -> forget after
+  // Grant epochs increase for the rank's whole life, also across a peer instance
+  // removed and added again, so a context rank never mistakes new grants for old.
+  uint64_t last_epoch = 0;
   std::set<uint64_t> touched;
   std::set<uint64_t> posting;  // senders with transfers in flight
   // (when, rid) of session deadlines, checked lazily.
@@ -626,18 +629,10 @@ void Transceiver::Impl::Send(const std::string& address, const Message& message)
 void Transceiver::Impl::Execute(Command& command) {
   switch (command.kind) {
     case Command::Kind::kAddPeers: {
+      // Always asked afresh, even for a known address: the answer tells whether the
+      // rank there restarted (a new transport address) since.
       transfer::RankInfoRequest hello{self};
-      for (const std::string& address : command.addresses) {
-        auto known = by_address.find(address);
-        if (known != by_address.end()) {
-          PeerRank& rank = instances[known->second.first].ranks[known->second.second];
-          if (self.role == Role::kGeneration || rank.has_grants) {
-            FinishHandshake(address, absl::OkStatus());
-            continue;
-          }
-        }
-        Send(address, hello);
-      }
+      for (const std::string& address : command.addresses) Send(address, hello);
       return;
     }
     case Command::Kind::kRemovePeer:
@@ -890,7 +885,8 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   if (self.role == Role::kGeneration) {
     // Grants go with every answer to a context rank (first epoch 1).
     if (fresh || rank->given_epoch == 0) {
-      transfer::RankInfoReply answer{self, ++rank->given_epoch, GrantAll(*rank)};
+      rank->given_epoch = ++last_epoch;
+      transfer::RankInfoReply answer{self, rank->given_epoch, GrantAll(*rank)};
       Send(info.control_address, answer);
     } else if (is_request) {
       Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch, GrantAll(*rank)});
@@ -902,7 +898,11 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   // Context side.
   if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
   if (reply != nullptr && !reply->grants.empty()) {
-    if (reply->grant_epoch <= rank->grant_epoch && rank->has_grants) return;  // stale
+    if (rank->has_grants && reply->grant_epoch <= rank->grant_epoch) {
+      // What this rank holds is as new (a repeated handshake) or newer.
+      FinishHandshake(info.control_address, absl::OkStatus());
+      return;
+    }
     if (reply->grants.size() != info.page_table.pools.size()) {
       CountBad(absl::StrCat("grants do not match the pools: rank=", info.rank,
                             " grants=", reply->grants.size(),
@@ -1276,7 +1276,8 @@ void Transceiver::Impl::Fence(const std::string& instance_name, int64_t rank_id)
   absl::StatusOr<transport::PeerId> again = transport->AddPeer(peer.info.transport_address);
   if (again.ok()) {
     peer.peer = *again;
-    transfer::RankInfoReply regrant{self, ++peer.given_epoch, GrantAll(peer)};
+    peer.given_epoch = ++last_epoch;
+    transfer::RankInfoReply regrant{self, peer.given_epoch, GrantAll(peer)};
     Send(peer.info.control_address, regrant);
   }
   const absl::Time now = absl::Now();

@@ -28,6 +28,8 @@
 #include "transfer/session.h"
 #include "transfer/slice.h"
 #include "transfer/topology.h"
+#include "transfer/control_channel.h"
+#include "transport/fault_injecting_transport.h"
 #include "transport/loopback/loopback_transport.h"
 #include "transport/transport.h"
 
@@ -41,6 +43,19 @@ constexpr unsigned char kGuard = 0xEE;
 constexpr int64_t kSlots = 64;
 
 absl::Time In(absl::Duration d) { return absl::Now() + d; }
+
+// The context engine's task for a request (or one chunk of it).
+ContextRequest Task(uint64_t rid, int64_t prompt_len, int64_t slice_id = 0,
+                    std::optional<transfer::TokenRange> range = std::nullopt,
+                    std::vector<int64_t> aux = {}) {
+  ContextRequest task;
+  task.unique_rid = rid;
+  task.prompt_len = prompt_len;
+  task.slice_id = slice_id;
+  task.token_range = range;
+  task.aux_tokens = std::move(aux);
+  return task;
+}
 
 // Two layers, two KV heads of size 2 in bf16, 4 tokens per block: one K or V head
 // of one block is 16 bytes.
@@ -68,7 +83,8 @@ struct Rank {
 };
 
 std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
-                               const transfer::Topology& topology) {
+                               const transfer::Topology& topology,
+                               TransportFactory create_transport = nullptr) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -89,9 +105,11 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   RankSetup setup;
   setup.page_table = rank->table;
   setup.adapter = rank->adapter.get();
-  setup.create_transport = [](const transport::EndpointOptions& options) {
-    return transport::CreateLoopbackTransport(options);
-  };
+  setup.create_transport = create_transport != nullptr
+                               ? std::move(create_transport)
+                               : [](const transport::EndpointOptions& options) {
+                                   return transport::CreateLoopbackTransport(options);
+                                 };
   TransceiverOptions options;
   options.instance = instance;
   options.role = role;
@@ -199,7 +217,7 @@ TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
   // The generation side holds the first two blocks already (8 committed tokens).
   generation_->manager.AddRequestFromTables(rid, 8, {{20, 21, 22, 23}});
   Fill(*context_, rid, {0, 1, 2, 3});
-  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
   GenerationRequest receive;
   receive.unique_rid = rid;
   receive.prompt_len = 16;
@@ -226,9 +244,9 @@ TEST_F(TransceiverTest, ChunkedRequestCompletesWithTheLastSlice) {
   receive.slices = {transfer::TokenRange::Create(0, 6).value(),
                     transfer::TokenRange::Create(6, 16).value()};
   ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
-  ContextRequest first{rid, 16, 0, transfer::TokenRange::Create(0, 6).value()};
+  ContextRequest first = Task(rid, 16, 0, transfer::TokenRange::Create(0, 6).value());
   ASSERT_OK(context_->transceiver->RespondAndSendAsync(first));
-  ContextRequest second{rid, 16, 1, transfer::TokenRange::Create(6, 16).value(), {5}};
+  ContextRequest second = Task(rid, 16, 1, transfer::TokenRange::Create(6, 16).value(), {5});
   ASSERT_OK(context_->transceiver->RespondAndSendAsync(second));
   const RequestStatus got = OneGen();
   EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
@@ -251,7 +269,7 @@ TEST_F(TransceiverTest, CancelBeforeTheContextSideKnowsTheRequest) {
   const RequestStatus got = OneGen();
   EXPECT_EQ(got.state, SessionState::kCancelled);
   // The context engine's task comes later: it ends cancelled and writes nothing.
-  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
   const RequestStatus sent = OneContext();
   EXPECT_THAT(sent.state, ::testing::AnyOf(SessionState::kCancelled, SessionState::kError));
   for (int64_t slot : {40, 41, 42, 43}) EXPECT_TRUE(Untouched(*generation_, slot));
@@ -269,6 +287,189 @@ TEST_F(TransceiverTest, ContextSideThatNeverComesTimesOutOnBothSides) {
   const RequestStatus got = OneGen();
   EXPECT_EQ(got.state, SessionState::kError);
   EXPECT_THAT(got.error, StatusIs(absl::StatusCode::kDeadlineExceeded));
+}
+
+TEST_F(TransceiverTest, WholePromptCachedStillCompletes) {
+  const uint64_t rid = 22;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, 16, {{50, 51, 52, 53}});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16, 0, std::nullopt, {3})));
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
+  EXPECT_THAT(got.aux_tokens, ElementsAre(3));
+  EXPECT_EQ(OneContext().metrics.bytes, 0u);
+  for (int64_t slot : {50, 51, 52, 53}) EXPECT_TRUE(Untouched(*generation_, slot));
+}
+
+TEST_F(TransceiverTest, HandshakesRepeatFromEitherSide) {
+  // Added again from the generation side, and from the context side: nothing changes
+  // and requests still flow.
+  ASSERT_OK(generation_->transceiver->AddPeerInstance({context_->transceiver->control_address()},
+                                                      In(absl::Seconds(10))));
+  ASSERT_OK(context_->transceiver->AddPeerInstance({generation_->transceiver->control_address()},
+                                                   In(absl::Seconds(10))));
+  const uint64_t rid = 23;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{4, 5, 6, 7}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{54, 55, 56, 57}});
+  Fill(*context_, rid, {4, 5, 6, 7});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {54, 55, 56, 57}, *context_, {4, 5, 6, 7}));
+  EXPECT_EQ(generation_->transceiver->metrics().fences, 0);
+}
+
+TEST(TransceiverContextFirstTest, ContextSideHandshakeIsEnoughForBoth) {
+  std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}));
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
+  ASSERT_OK(context->transceiver->AddPeerInstance({generation->transceiver->control_address()},
+                                                  In(absl::Seconds(10))));
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1}});
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{2, 3}});
+  Fill(*context, 1, {0, 1});
+  GenerationRequest receive;
+  receive.unique_rid = 1;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
+  std::vector<RequestStatus> done =
+      generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+  EXPECT_TRUE(SameSlots(*generation, {2, 3}, *context, {0, 1}));
+}
+
+// A sender whose writes fail without it knowing whether they landed (a lost
+// connection) reports unsettled; the receiver fences it before the request is final,
+// gives it fresh grants, and the next request works.
+TEST(TransceiverFenceTest, UnsettledFailureIsFencedThenTheNextRequestFlows) {
+  transport::FaultInjectingTransport* faults = nullptr;
+  std::unique_ptr<Rank> context = MakeRank(
+      "prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+      [&faults](const transport::EndpointOptions& options)
+          -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
+        absl::StatusOr<std::unique_ptr<transport::Transport>> inner =
+            transport::CreateLoopbackTransport(options);
+        if (!inner.ok()) return inner.status();
+        auto wrapped = std::make_unique<transport::FaultInjectingTransport>(*std::move(inner));
+        faults = wrapped.get();
+        return wrapped;
+      });
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
+  ASSERT_NE(faults, nullptr);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1}});
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{2, 3}});
+  faults->DelayCompletions(absl::Hours(1));  // Its writes never report...
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
+  GenerationRequest receive;
+  receive.unique_rid = 1;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_TRUE(absl::IsNotFound(generation->transceiver->GetStatus(99).status()));
+  // Posted (the sender says TRANSFERRING once its writes are queued) ...
+  const absl::Time give_up = In(absl::Seconds(20));
+  absl::StatusOr<RequestStatus> sending = context->transceiver->GetStatus(1);
+  while (sending.ok() && sending->state < SessionState::kTransferring && absl::Now() < give_up) {
+    context->transceiver->CheckContextTransferStatus(1, In(absl::Milliseconds(5)));
+    sending = context->transceiver->GetStatus(1);
+  }
+  ASSERT_OK(sending.status());
+  ASSERT_EQ(sending->state, SessionState::kTransferring);
+  // ... until the connection is "lost": unsettled.
+  faults->DropAllPeers();
+  std::vector<RequestStatus> done =
+      generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kError) << done[0].error;
+  EXPECT_EQ(generation->transceiver->metrics().fences, 1) << done[0].error;
+
+  // Fresh grants under a new epoch: the next request moves every byte.
+  faults->ClearFaults();
+  context->manager.AddRequestFromTables(2, std::nullopt, {{4, 5}});
+  generation->manager.AddRequestFromTables(2, std::nullopt, {{6, 7}});
+  Fill(*context, 2, {4, 5});
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(2, 8, 0, std::nullopt)));
+  receive.unique_rid = 2;
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  done = generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+  EXPECT_TRUE(SameSlots(*generation, {6, 7}, *context, {4, 5}));
+}
+
+TEST_F(TransceiverTest, RemovedInstanceFailsItsRequestsAndCanComeBack) {
+  const uint64_t rid = 24;
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{58, 59, 60, 61}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(generation_->transceiver->RemovePeerInstance("prefill"));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kError);
+  EXPECT_THAT(got.error, StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(generation_->transceiver->RemovePeerInstance("prefill"),
+              StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(generation_->transceiver->AddPeerInstance({context_->transceiver->control_address()},
+                                                      In(absl::Seconds(10))));
+  const uint64_t again = 25;
+  context_->manager.AddRequestFromTables(again, std::nullopt, {{8, 9, 10, 11}});
+  generation_->manager.AddRequestFromTables(again, std::nullopt, {{58, 59, 60, 61}});
+  Fill(*context_, again, {8, 9, 10, 11});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(again, 16)));
+  receive.unique_rid = again;
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {58, 59, 60, 61}, *context_, {8, 9, 10, 11}));
+}
+
+TEST_F(TransceiverTest, GarbageAndStrayMessagesAreCountedAndChangeNothing) {
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<transfer::ControlChannel> stranger,
+                       transfer::ControlChannel::Create(transfer::ControlChannelOptions{}));
+  const std::string target = generation_->transceiver->control_address();
+  ASSERT_OK(stranger->Send(target, "not msgpack at all"));
+  transfer::SliceResult forged;
+  forged.unique_rid = 26;
+  forged.outcome = transfer::SliceOutcome::kSuccess;
+  ASSERT_OK(stranger->Send(target, transfer::EncodeMessage(forged)));  // from no known rank
+  const uint64_t rid = 26;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{12, 13, 14, 15}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{62, 63, 0, 1}});
+  Fill(*context_, rid, {12, 13, 14, 15});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(stranger->Send(target, transfer::EncodeMessage(forged)));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {62, 63, 0, 1}, *context_, {12, 13, 14, 15}));
+  // The stranger's messages race the request on another connection: wait for them.
+  const absl::Time give_up = In(absl::Seconds(10));
+  TransceiverMetrics m = generation_->transceiver->metrics();
+  while ((m.bad_messages < 1 || m.dropped_messages < 2) && absl::Now() < give_up) {
+    generation_->transceiver->CheckGenTransferStatus(1, In(absl::Milliseconds(10)));
+    m = generation_->transceiver->metrics();
+  }
+  EXPECT_GE(m.bad_messages, 1);
+  EXPECT_GE(m.dropped_messages, 2);
 }
 
 TEST_F(TransceiverTest, SidesAreTyped) {
