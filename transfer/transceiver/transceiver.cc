@@ -26,6 +26,8 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cache_reuse/adapter.h"
+#include "kernels/launch.h"
+#include "kernels/staging.h"
 #include "transfer/control_channel.h"
 #include "transfer/fragments.h"
 #include "transfer/page_table.h"
@@ -117,6 +119,7 @@ struct Transceiver::Impl {
   transfer::HeadModel heads;
   int64_t self_dp_rank = 0;
   std::unique_ptr<transport::Transport> transport;
+  transport::MemoryKind pool_memory = transport::MemoryKind::kHost;
   std::vector<transport::RegionId> pool_regions;
   std::unique_ptr<transfer::ControlChannel> channel;
 
@@ -153,6 +156,30 @@ struct Transceiver::Impl {
   TransceiverMetrics metrics ABSL_GUARDED_BY(mu);
 
   // --- The rank's thread only.
+  // Host memory registered for staging, slots back to back.
+  struct Arena {
+    std::unique_ptr<char[]> bytes;
+    transport::RegionId region = 0;
+    uint64_t slot_bytes = 0;
+    uint32_t slots = 0;
+    char* slot(uint32_t i) const { return bytes.get() + uint64_t{i} * slot_bytes; }
+  };
+  struct StagedJob;
+  // One staged chunk in flight: its write, and the message that follows it.
+  struct StagedWrite {
+    transport::TransferId id = 0;
+    StagedJob* job = nullptr;
+    transfer::StagedChunk chunk;
+    uint64_t bytes = 0;
+  };
+  // Context side, per generation rank that offered staging.
+  struct SendStaging {
+    transport::RegionDescriptor remote;
+    Arena local;
+    std::vector<bool> busy;              // until its StagingCredit comes back
+    std::deque<StagedJob*> queue;        // jobs with fragments left to stage, FIFO
+    std::map<uint32_t, StagedWrite> in_flight;  // by slot
+  };
   struct PeerRank {
     RankInfo info;
     transport::PeerId peer = 0;
@@ -160,8 +187,11 @@ struct Transceiver::Impl {
     bool has_grants = false;
     uint64_t grant_epoch = 0;
     std::vector<transport::RegionDescriptor> grants;
-    // Generation side: the epoch of the grants given to the context rank.
+    std::unique_ptr<SendStaging> staging;  // when the generation rank offers it
+    // Generation side: the epoch of the grants given to the context rank, and the
+    // staging arena it may write (scattered from on StagedChunk).
     uint64_t given_epoch = 0;
+    std::unique_ptr<Arena> arena;
     // Context side: plans this rank's writes to the generation rank.
     std::optional<transfer::FragmentPlanner> planner;
   };
@@ -177,6 +207,21 @@ struct Transceiver::Impl {
     uint64_t bytes = 0;
     int64_t writes = 0;
   };
+  // One (slice, receiver) pair sent in staging mode: its fragments go out in chunks,
+  // one write per chunk, as slots free up.
+  struct StagedJob {
+    uint64_t rid = 0;
+    int64_t slice_id = 0;
+    int64_t receiver = 0;
+    std::vector<transfer::Fragment> fragments;
+    size_t next = 0;            // first fragment not fully staged
+    uint64_t next_offset = 0;   // bytes of it already staged
+    int64_t in_flight = 0;      // chunks posted and not ended
+    int64_t chunks = 0;         // chunks delivered
+    uint64_t bytes = 0;         // delivered
+    absl::Status error;         // the first failure; stops staging
+    bool done() const { return next == fragments.size(); }
+  };
   struct SenderEntry {
     explicit SenderEntry(uint64_t rid, int64_t rank) : session(rid, rank) {}
     SenderSession session;
@@ -185,6 +230,7 @@ struct Transceiver::Impl {
     int64_t prompt_len = 0;
     std::optional<int64_t> state_slot;
     std::map<std::pair<int64_t, int64_t>, InFlight> in_flight;
+    std::map<std::pair<int64_t, int64_t>, std::unique_ptr<StagedJob>> staged;
     RequestMetrics metrics;
     absl::Time started;
     std::optional<absl::Time> first_post;
@@ -206,6 +252,9 @@ struct Transceiver::Impl {
   // removed and added again, so a context rank never mistakes new grants for old.
   uint64_t last_epoch = 0;
   std::set<uint64_t> touched;
+  // Staging arenas of ranks that are gone, freed once the transport has released
+  // them (a transfer that read one may end after its peer was removed).
+  std::vector<std::unique_ptr<Arena>> retired;
   std::set<uint64_t> posting;  // senders with transfers in flight
   // (when, rid) of session deadlines, checked lazily.
   std::priority_queue<std::pair<absl::Time, uint64_t>, std::vector<std::pair<absl::Time, uint64_t>>,
@@ -232,6 +281,16 @@ struct Transceiver::Impl {
   void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
                    std::vector<SessionAction>* out);
   void PollTransfers();
+  // Staging mode (issue 10): gather a pair's small writes into slots, one write per
+  // slot, the receiver scatters.
+  bool StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id, int64_t receiver);
+  void PumpStaging(PeerRank& peer);
+  void PollStaging();
+  void EndStagedJob(StagedJob& job);
+  void RetireArenas();
+  void HandleStagedChunk(const std::string& from, const transfer::StagedChunk& chunk);
+  void HandleStagingCredit(const std::string& from, const transfer::StagingCredit& credit);
+  std::optional<transfer::StagingGrant> OfferStaging(PeerRank& rank);
   void FireTimers(absl::Time now);
   void Fence(const std::string& instance, int64_t rank);
   void DropInstance(const std::string& instance, const absl::Status& why);
@@ -272,6 +331,7 @@ absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const Transceiv
   impl->heads = transfer::HeadModel{impl->table.num_kv_heads, impl->table.is_mla};
   const transfer::Topology& topology = impl->table.topology;
   impl->self_dp_rank = topology.attention_dp ? topology.tp_rank : 0;
+  impl->pool_memory = setup.pool_memory;
 
   absl::StatusOr<std::unique_ptr<transfer::ControlChannel>> channel =
       transfer::ControlChannel::Create(transfer::ControlChannelOptions{options.control_bind});
@@ -598,6 +658,8 @@ void Transceiver::Impl::Run() {
     todo.clear();
     for (const transfer::ControlChannel::Incoming& message : incoming) Handle(message);
     PollTransfers();
+    PollStaging();
+    RetireArenas();
     FireTimers(absl::Now());
     Publish();
   }
@@ -763,6 +825,10 @@ void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incomin
     HandleAux(incoming.from, *m);
   } else if (auto* m = std::get_if<transfer::Cancel>(&*decoded)) {
     HandleCancel(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::StagedChunk>(&*decoded)) {
+    HandleStagedChunk(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::StagingCredit>(&*decoded)) {
+    HandleStagingCredit(incoming.from, *m);
   }
 }
 
@@ -884,12 +950,10 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   }
   if (self.role == Role::kGeneration) {
     // Grants go with every answer to a context rank (first epoch 1).
-    if (fresh || rank->given_epoch == 0) {
-      rank->given_epoch = ++last_epoch;
-      transfer::RankInfoReply answer{self, rank->given_epoch, GrantAll(*rank)};
-      Send(info.control_address, answer);
-    } else if (is_request) {
-      Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch, GrantAll(*rank)});
+    if (fresh || rank->given_epoch == 0) rank->given_epoch = ++last_epoch;
+    if (fresh || is_request) {
+      Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch,
+                                                         GrantAll(*rank), OfferStaging(*rank)});
     }
     MarkReady(info.instance, info.rank);
     FinishHandshake(info.control_address, absl::OkStatus());
@@ -924,6 +988,45 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
     const bool first = !rank->has_grants;
     rank->has_grants = true;
     rank->grant_epoch = reply->grant_epoch;
+    // Staging: keep the local arena (and its busy slots, which only credits free)
+    // when the geometry stays; a new offer of another shape starts afresh once the
+    // old arena has nothing in flight.
+    const std::optional<transfer::StagingGrant>& offer = reply->staging;
+    const bool fits = offer.has_value() &&
+                      offer->slot_bytes <= options.staging.max_arena_bytes / offer->slots;
+    if (offer.has_value() && !fits) {
+      Log(absl::StrCat("staging offer too large, staging off for rank ", info.rank,
+                       ": slots=", offer->slots, " slot_bytes=", offer->slot_bytes));
+    }
+    SendStaging* staging = rank->staging.get();
+    if (!fits || options.staging.threshold_bytes == 0) {
+      if (staging == nullptr || staging->in_flight.empty()) rank->staging.reset();
+    } else if (staging != nullptr && staging->local.slot_bytes == offer->slot_bytes &&
+               staging->local.slots == offer->slots) {
+      staging->remote = transport::RegionDescriptor{offer->region.address, offer->region.length,
+                                                    offer->region.key};
+    } else if (staging == nullptr || staging->in_flight.empty()) {
+      auto fresh_staging = std::make_unique<SendStaging>();
+      fresh_staging->remote = transport::RegionDescriptor{
+          offer->region.address, offer->region.length, offer->region.key};
+      Arena& local = fresh_staging->local;
+      local.slot_bytes = offer->slot_bytes;
+      local.slots = offer->slots;
+      local.bytes.reset(new char[offer->slot_bytes * offer->slots]);
+      absl::StatusOr<transport::RegionId> region =
+          transport->RegisterMemory(local.bytes.get(), offer->slot_bytes * offer->slots);
+      if (region.ok()) {
+        local.region = *region;
+        fresh_staging->busy.assign(offer->slots, false);
+        if (staging != nullptr) {
+          absl::Status freed = transport->DeregisterMemory(staging->local.region);
+          if (!freed.ok()) Log(freed.ToString());
+        }
+        rank->staging = std::move(fresh_staging);
+      } else {
+        Log(absl::StrCat("staging off for rank ", info.rank, ": ", region.status().ToString()));
+      }
+    }
     if (first) MarkReady(info.instance, info.rank);
     FinishHandshake(info.control_address, absl::OkStatus());
   }
@@ -1076,6 +1179,27 @@ void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> act
         absl::Status cancelled = transport->CancelTransfer(flight.id);
         if (!cancelled.ok()) Log(cancelled.ToString());
       }
+      // Staged pairs stop staging; their chunks in flight are cancelled and end them.
+      std::vector<StagedJob*> idle;
+      for (auto& [key, job] : e.staged) {
+        if (job->error.ok()) {
+          job->error = absl::AbortedError(absl::StrCat(
+              "staged pair cancelled: request=", job->rid, " slice=", job->slice_id));
+        }
+        job->next = job->fragments.size();
+        if (job->in_flight == 0) idle.push_back(job.get());
+      }
+      for (const auto& [name, instance] : instances) {
+        for (const auto& [rank_id, peer] : instance.ranks) {
+          if (peer.staging == nullptr) continue;
+          for (const auto& [slot, write] : peer.staging->in_flight) {
+            if (write.job->rid != e.session.unique_rid()) continue;
+            absl::Status cancelled = transport->CancelTransfer(write.id);
+            if (!cancelled.ok()) Log(cancelled.ToString());
+          }
+        }
+      }
+      for (StagedJob* job : idle) EndStagedJob(*job);
     }
   }
 }
@@ -1166,6 +1290,12 @@ void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t re
     // A replica that only reports, or nothing left to move: an empty write.
     e.session.OnSliceEnded(slice_id, receiver, transfer::SliceOutcomeInfo{}, out);
     return;
+  }
+  if (plan.fragments.size() > 1 && peer.staging != nullptr &&
+      plan.total_bytes / plan.fragments.size() < options.staging.threshold_bytes &&
+      StageJob(e, peer, slice_id, receiver)) {
+    if (!e.first_post.has_value()) e.first_post = planned_at;
+    return;  // The job ends the pair (OnSliceEnded) once its chunks are delivered.
   }
   ops.clear();
   for (const transfer::Fragment& f : plan.fragments) {
@@ -1277,7 +1407,7 @@ void Transceiver::Impl::Fence(const std::string& instance_name, int64_t rank_id)
   if (again.ok()) {
     peer.peer = *again;
     peer.given_epoch = ++last_epoch;
-    transfer::RankInfoReply regrant{self, peer.given_epoch, GrantAll(peer)};
+    transfer::RankInfoReply regrant{self, peer.given_epoch, GrantAll(peer), OfferStaging(peer)};
     Send(peer.info.control_address, regrant);
   }
   const absl::Time now = absl::Now();
@@ -1300,13 +1430,27 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
     entry->session.Fail(why, &actions);
     RunSender(*entry, std::move(actions));
   }
+  std::vector<StagedJob*> abandoned;
   for (auto& [rank_id, peer] : instance->second.ranks) {
     // Removing the transport peer is the fence; every receiver stops waiting on it.
     absl::Status removed = transport->RemovePeer(peer.peer);
     if (!removed.ok()) Log(removed.ToString());
     channel->Disconnect(peer.info.control_address);
     by_address.erase(peer.info.control_address);
+    // Staged chunks to it are abandoned with it; the arenas go once the transport
+    // lets them go (RetireArenas).
+    if (peer.staging != nullptr) {
+      for (auto& [slot, write] : peer.staging->in_flight) {
+        if (write.job->error.ok()) write.job->error = why;
+        write.job->next = write.job->fragments.size();
+        if (--write.job->in_flight == 0) abandoned.push_back(write.job);
+      }
+      peer.staging->in_flight.clear();
+      retired.push_back(std::make_unique<Arena>(std::move(peer.staging->local)));
+    }
+    if (peer.arena != nullptr) retired.push_back(std::move(peer.arena));
   }
+  for (StagedJob* job : abandoned) EndStagedJob(*job);
   for (auto& [rid, entry] : receivers) {
     if (entry->instance != instance_name) continue;
     std::vector<SessionAction> actions;
@@ -1322,6 +1466,272 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
   ready_ranks.erase(instance_name);
   instance_sizes.erase(instance_name);
   changed.SignalAll();
+}
+
+// --- Staging mode ------------------------------------------------------------------
+
+std::optional<transfer::StagingGrant> Transceiver::Impl::OfferStaging(PeerRank& rank) {
+  const TransceiverOptions::Staging& config = options.staging;
+  if (config.threshold_bytes == 0 || config.slots == 0 || config.slot_bytes == 0 ||
+      pool_memory != transport::MemoryKind::kHost) {
+    return std::nullopt;
+  }
+  if (rank.arena == nullptr) {
+    auto arena = std::make_unique<Arena>();
+    arena->slot_bytes = config.slot_bytes;
+    arena->slots = config.slots;
+    arena->bytes.reset(new char[config.slot_bytes * config.slots]);
+    absl::StatusOr<transport::RegionId> region =
+        transport->RegisterMemory(arena->bytes.get(), config.slot_bytes * config.slots);
+    if (!region.ok()) {
+      Log(absl::StrCat("staging off for ", rank.info.instance, "/", rank.info.rank, ": ",
+                       region.status().ToString()));
+      return std::nullopt;
+    }
+    arena->region = *region;
+    rank.arena = std::move(arena);
+  }
+  absl::StatusOr<transport::RegionDescriptor> grant =
+      transport->GrantRemoteWrite(rank.arena->region, rank.peer);
+  if (!grant.ok()) {
+    Log(absl::StrCat("staging off for ", rank.info.instance, "/", rank.info.rank, ": ",
+                     grant.status().ToString()));
+    return std::nullopt;
+  }
+  transfer::StagingGrant offer;
+  offer.region = transfer::PoolGrant{grant->address, grant->length, grant->key};
+  offer.slot_bytes = rank.arena->slot_bytes;
+  offer.slots = rank.arena->slots;
+  return offer;
+}
+
+bool Transceiver::Impl::StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id,
+                                 int64_t receiver) {
+  auto job = std::make_unique<StagedJob>();
+  job->rid = e.session.unique_rid();
+  job->slice_id = slice_id;
+  job->receiver = receiver;
+  job->fragments = plan.fragments;
+  StagedJob* raw = job.get();
+  e.staged[{slice_id, receiver}] = std::move(job);
+  peer.staging->queue.push_back(raw);
+  PumpStaging(peer);
+  return true;
+}
+
+// Fills every free slot with the next chunk of the oldest job, FIFO over jobs.
+void Transceiver::Impl::PumpStaging(PeerRank& peer) {
+  SendStaging& staging = *peer.staging;
+  Arena& local = staging.local;
+  std::vector<kernels::SrcFragment> sources;
+  while (!staging.queue.empty()) {
+    StagedJob& job = *staging.queue.front();
+    if (job.done()) {
+      staging.queue.pop_front();
+      continue;
+    }
+    uint32_t slot = 0;
+    while (slot < local.slots && staging.busy[slot]) ++slot;
+    if (slot == local.slots) return;  // Every slot waits for its credit.
+    auto entry = senders.find(job.rid);
+    if (entry == senders.end()) {  // Cannot happen: a job ends before its request.
+      staging.queue.pop_front();
+      continue;
+    }
+    // The chunk: fragments (a large one split) until the slot is full.
+    transfer::StagedChunk chunk;
+    chunk.unique_rid = job.rid;
+    chunk.slice_id = job.slice_id;
+    chunk.sender_rank = self.rank;
+    chunk.slot = slot;
+    sources.clear();
+    uint64_t used = 0;
+    while (!job.done() && used < local.slot_bytes) {
+      const transfer::Fragment& f = job.fragments[job.next];
+      const uint64_t take = std::min(f.bytes - job.next_offset, local.slot_bytes - used);
+      const transfer::Pool& pool = table.pools[f.src_pool];
+      sources.push_back(kernels::SrcFragment{
+          reinterpret_cast<const char*>(pool.base_address) + f.src_offset + job.next_offset, take});
+      chunk.fragments.push_back(
+          transfer::StagedFragment{f.dst_pool, f.dst_offset + job.next_offset, take});
+      used += take;
+      job.next_offset += take;
+      if (job.next_offset == f.bytes) {
+        ++job.next;
+        job.next_offset = 0;
+      }
+    }
+    absl::Status gathered = kernels::Gather(kernels::Launch::Host(), sources,
+                                            kernels::StagingBuffer{local.slot(slot), local.slot_bytes}, 0);
+    absl::StatusOr<transport::TransferId> id =
+        gathered.ok() ? transport->PostWrites(
+                            peer.peer,
+                            {transport::WriteOp{local.region, uint64_t{slot} * local.slot_bytes,
+                                                staging.remote, uint64_t{slot} * local.slot_bytes,
+                                                used}},
+                            entry->second->session.deadline())
+                      : absl::StatusOr<transport::TransferId>(gathered);
+    if (!id.ok()) {
+      // Nothing was posted: the slot stays free, the pair fails.
+      if (job.error.ok()) job.error = id.status();
+      job.next = job.fragments.size();
+      staging.queue.pop_front();
+      if (job.in_flight == 0) EndStagedJob(job);
+      continue;
+    }
+    staging.busy[slot] = true;
+    ++job.in_flight;
+    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used};
+  }
+}
+
+void Transceiver::Impl::PollStaging() {
+  std::vector<StagedJob*> ended;
+  for (auto& [name, instance] : instances) {
+    for (auto& [rank_id, peer] : instance.ranks) {
+      if (peer.staging == nullptr || peer.staging->in_flight.empty()) continue;
+      SendStaging& staging = *peer.staging;
+      for (auto it = staging.in_flight.begin(); it != staging.in_flight.end();) {
+        absl::StatusOr<transport::TransferStatus> status = transport->PollTransfer(it->second.id);
+        if (status.ok() && !status->final()) {
+          ++it;
+          continue;
+        }
+        StagedWrite& write = it->second;
+        StagedJob& job = *write.job;
+        --job.in_flight;
+        if (status.ok() && status->state == transport::TransferState::kDone) {
+          // Delivered: now the receiver may scatter it. The slot stays busy until
+          // its credit says it did.
+          ++job.chunks;
+          job.bytes += write.bytes;
+          Send(peer.info.control_address, write.chunk);
+        } else {
+          // Never scattered (no StagedChunk goes out), so no byte of it reaches the
+          // receiver's pools: the pair's failure is settled. The slot is usable again
+          // only if nothing can still land in it.
+          const bool settled = status.ok() && status->target_settled;
+          if (settled) staging.busy[it->first] = false;
+          if (job.error.ok()) {
+            job.error = status.ok() ? status->error : status.status();
+            job.next = job.fragments.size();
+          }
+        }
+        if (job.in_flight == 0 && (job.done() || !job.error.ok())) ended.push_back(&job);
+        it = staging.in_flight.erase(it);
+      }
+      PumpStaging(peer);
+    }
+  }
+  for (StagedJob* job : ended) EndStagedJob(*job);
+}
+
+void Transceiver::Impl::EndStagedJob(StagedJob& job) {
+  auto entry = senders.find(job.rid);
+  if (entry == senders.end()) return;
+  SenderEntry& e = *entry->second;
+  auto owned = e.staged.find({job.slice_id, job.receiver});
+  if (owned == e.staged.end() || owned->second.get() != &job) return;
+  // Off every queue before it goes.
+  for (auto& [name, instance] : instances) {
+    for (auto& [rank_id, peer] : instance.ranks) {
+      if (peer.staging == nullptr) continue;
+      std::deque<StagedJob*>& queue = peer.staging->queue;
+      queue.erase(std::remove(queue.begin(), queue.end(), &job), queue.end());
+    }
+  }
+  transfer::SliceOutcomeInfo outcome;
+  outcome.status = job.error;
+  outcome.settled = true;
+  outcome.bytes = job.bytes;
+  outcome.writes = job.chunks;
+  if (job.error.ok()) {
+    e.metrics.bytes += job.bytes;
+    e.metrics.writes += job.chunks;
+    e.metrics.transfer = absl::Now() - e.first_post.value_or(absl::Now());
+    MutexLock lock(&mu);
+    metrics.staged_chunks += job.chunks;
+  }
+  const int64_t slice_id = job.slice_id;
+  const int64_t receiver = job.receiver;
+  e.staged.erase(owned);
+  std::vector<SessionAction> actions;
+  e.session.OnSliceEnded(slice_id, receiver, outcome, &actions);
+  RunSender(e, std::move(actions));
+}
+
+void Transceiver::Impl::RetireArenas() {
+  for (auto it = retired.begin(); it != retired.end();) {
+    absl::Status freed = transport->DeregisterMemory((*it)->region);
+    if (freed.ok() || absl::IsNotFound(freed)) {
+      it = retired.erase(it);
+    } else {
+      ++it;  // Still read by a transfer that has not quiesced, or still granted.
+    }
+  }
+}
+
+void Transceiver::Impl::HandleStagedChunk(const std::string& from,
+                                          const transfer::StagedChunk& chunk) {
+  PeerRank* peer = self.role == Role::kGeneration ? FindRank(from, chunk.sender_rank) : nullptr;
+  if (peer == nullptr || peer->arena == nullptr || chunk.slot >= peer->arena->slots) {
+    CountBad(absl::StrCat("staged chunk from an unknown rank or slot: from=", from,
+                          " slot=", chunk.slot));
+    return;
+  }
+  const Arena& arena = *peer->arena;
+  // Scatter only into a request that still waits on this sender: a late chunk of a
+  // request that ended must not touch pages that may belong to another one now.
+  auto entry = receivers.find(chunk.unique_rid);
+  const bool wanted = entry != receivers.end() &&
+                      entry->second->instance == peer->info.instance &&
+                      entry->second->session.waits_on(chunk.sender_rank);
+  std::vector<kernels::DstFragment> targets;
+  uint64_t total = 0;
+  bool valid = true;
+  for (const transfer::StagedFragment& f : chunk.fragments) {
+    const bool pool_ok = f.pool >= 0 && static_cast<size_t>(f.pool) < table.pools.size();
+    const uint64_t pool_bytes =
+        pool_ok ? table.pools[f.pool].slot_bytes * static_cast<uint64_t>(table.pools[f.pool].num_slots)
+                : 0;
+    if (!pool_ok || f.offset > pool_bytes || f.bytes > pool_bytes - f.offset ||
+        f.bytes > arena.slot_bytes - total) {
+      valid = false;
+      break;
+    }
+    total += f.bytes;
+    targets.push_back(kernels::DstFragment{
+        reinterpret_cast<char*>(table.pools[f.pool].base_address) + f.offset, f.bytes});
+  }
+  if (!valid) {
+    CountBad(absl::StrCat("staged chunk outside this rank's pools or its slot: from=", from,
+                          " request=", chunk.unique_rid));
+  } else if (wanted) {
+    absl::Status scattered = kernels::Scatter(
+        kernels::Launch::Host(), kernels::StagingBuffer{arena.slot(chunk.slot), arena.slot_bytes},
+        0, targets);
+    if (!scattered.ok()) Log(scattered.ToString());
+    MutexLock lock(&mu);
+    ++metrics.staged_chunks;
+  } else {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+  }
+  // Scattered or not, the slot is free again.
+  Send(peer->info.control_address, transfer::StagingCredit{self.rank, chunk.slot});
+}
+
+void Transceiver::Impl::HandleStagingCredit(const std::string& from,
+                                            const transfer::StagingCredit& credit) {
+  PeerRank* peer = self.role == Role::kContext ? FindRank(from, credit.receiver_rank) : nullptr;
+  if (peer == nullptr || peer->staging == nullptr || credit.slot >= peer->staging->busy.size() ||
+      peer->staging->in_flight.count(credit.slot) > 0) {
+    CountBad(absl::StrCat("staging credit for an unknown rank or slot: from=", from,
+                          " slot=", credit.slot));
+    return;
+  }
+  peer->staging->busy[credit.slot] = false;
+  PumpStaging(*peer);
 }
 
 RequestStatus Transceiver::Impl::StatusOf(const SenderEntry& e) const {
@@ -1360,7 +1770,7 @@ void Transceiver::Impl::Publish() {
       // task for cancel_memory, so the task ends at once the same way.
       SenderEntry& e = *s->second;
       statuses.push_back(StatusOf(e));
-      if (transfer::IsFinal(e.session.state()) && e.in_flight.empty()) {
+      if (transfer::IsFinal(e.session.state()) && e.in_flight.empty() && e.staged.empty()) {
         if (e.has_task) {
           senders.erase(s);
         } else if (!e.unclaimed_until.has_value()) {

@@ -114,6 +114,22 @@ struct TransceiverOptions {
   absl::Duration request_data_ttl = absl::Seconds(60);
   // Requests tracked at once (ResourceExhausted past it).
   size_t max_requests = 65536;
+
+  // Affect performance.
+  // Staging mode (gather, one write, scatter) for a (slice, rank pair) whose
+  // planned writes are small: when their average size is below `threshold_bytes`,
+  // the sender gathers them into a staging slot, writes the slot in one write, and
+  // the receiver scatters it. 0 turns staging off. Host pools only.
+  struct Staging {
+    uint64_t threshold_bytes = 16 << 10;
+    // Per peer rank, on each side: slots of slot_bytes. A sender waits for a free
+    // slot (the receiver's credit) and never overwrites one not yet scattered.
+    uint32_t slots = 4;
+    uint64_t slot_bytes = uint64_t{4} << 20;
+    // A sender refuses a peer's staging offer larger than this (it allocates as much).
+    uint64_t max_arena_bytes = uint64_t{64} << 20;
+  };
+  Staging staging;
 };
 
 // Creates a rank's transport endpoint from `options`.
@@ -202,6 +218,7 @@ struct TransceiverMetrics {
   int64_t writes = 0;
   int64_t handshakes = 0;
   int64_t fences = 0;
+  int64_t staged_chunks = 0;    // staging mode: chunks delivered (sender) or scattered
   int64_t bad_messages = 0;     // undecodable, or contradicting what is known
   int64_t dropped_messages = 0; // for unknown requests or from unknown ranks
 };

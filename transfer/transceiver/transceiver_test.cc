@@ -84,7 +84,8 @@ struct Rank {
 
 std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
                                const transfer::Topology& topology,
-                               TransportFactory create_transport = nullptr) {
+                               TransportFactory create_transport = nullptr,
+                               const TransceiverOptions::Staging* staging = nullptr) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -115,6 +116,7 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   options.role = role;
   options.default_request_timeout = absl::Seconds(20);
   options.report_grace = absl::Milliseconds(500);
+  if (staging != nullptr) options.staging = *staging;
   absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
   EXPECT_OK(t.status());
   if (!t.ok()) return nullptr;
@@ -470,6 +472,46 @@ TEST_F(TransceiverTest, GarbageAndStrayMessagesAreCountedAndChangeNothing) {
   }
   EXPECT_GE(m.bad_messages, 1);
   EXPECT_GE(m.dropped_messages, 2);
+}
+
+// Staging mode: scattered blocks (one small write each) are gathered into slots
+// smaller than three blocks, so chunks split blocks and slots cycle on credits.
+TEST(TransceiverStagingTest, SmallWritesGoThroughStagingSlotsByteExact) {
+  TransceiverOptions::Staging staging;
+  staging.threshold_bytes = 1 << 20;  // Every pair stages.
+  staging.slots = 2;
+  staging.slot_bytes = 600;           // Not a multiple of a 128-byte block.
+  std::unique_ptr<Rank> context =
+      MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, &staging);
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, &staging);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  const std::vector<int64_t> src = {0, 2, 4, 6, 8, 10, 12, 14};
+  const std::vector<int64_t> dst = {31, 29, 27, 25, 23, 21, 19, 17};
+  for (uint64_t rid : {1, 2, 3}) {
+    SCOPED_TRACE(rid);
+    context->manager.AddRequestFromTables(rid, std::nullopt, {src});
+    generation->manager.AddRequestFromTables(rid, std::nullopt, {dst});
+    Fill(*context, rid, src);
+    ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(rid, 32)));
+    GenerationRequest receive;
+    receive.unique_rid = rid;
+    receive.prompt_len = 32;
+    receive.context_instance = "prefill";
+    ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+    std::vector<RequestStatus> done =
+        generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation, dst, *context, src));
+    EXPECT_TRUE(Untouched(*generation, 30));
+  }
+  // 8 blocks in 600-byte slots, blocks split across chunks where they straddle.
+  const int64_t chunks = transfer::CeilDiv(8 * static_cast<int64_t>(context->slot_bytes()), 600);
+  ASSERT_GT(chunks, 1);
+  EXPECT_EQ(context->transceiver->metrics().staged_chunks, 3 * chunks);
+  EXPECT_EQ(generation->transceiver->metrics().staged_chunks, 3 * chunks);
 }
 
 TEST_F(TransceiverTest, SidesAreTyped) {
