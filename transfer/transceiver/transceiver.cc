@@ -281,6 +281,7 @@ struct Transceiver::Impl {
   void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
                    std::vector<SessionAction>* out);
   void PollTransfers();
+  void Shutdown();
   // Staging mode (issue 10): gather a pair's small writes into slots, one write per
   // slot, the receiver scatters.
   bool StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id, int64_t receiver);
@@ -654,6 +655,7 @@ void Transceiver::Impl::Run() {
       if (stop) break;
       todo.swap(commands);
     }
+
     for (Command& command : todo) Execute(command);
     todo.clear();
     for (const transfer::ControlChannel::Incoming& message : incoming) Handle(message);
@@ -662,6 +664,51 @@ void Transceiver::Impl::Run() {
     RetireArenas();
     FireTimers(absl::Now());
     Publish();
+  }
+  Shutdown();
+}
+
+// Tells every peer of a request that is not final that this rank is going away, so
+// none waits for its deadline: receivers stop waiting (Cancel), and a sender's pairs
+// in flight are reported FAILED and unsettled (the transport is about to cut them;
+// the receiver fences this rank before it reuses their pages).
+void Transceiver::Impl::Shutdown() {
+  const std::string reason = absl::StrCat("rank shutting down: ", self.instance, "/", self.rank);
+  for (auto& [rid, e] : senders) {
+    if (transfer::IsFinal(e->session.state()) || e->instance.empty()) continue;
+    const PeerInstance& instance = instances[e->instance];
+    std::vector<SessionAction> actions;
+    e->session.Fail(absl::AbortedError(reason), &actions);
+    for (const SessionAction& action : actions) {
+      if (const auto* send = std::get_if<transfer::SendMessage>(&action)) {
+        auto rank = instance.ranks.find(send->peer_rank);
+        if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
+      }
+    }
+    std::set<std::pair<int64_t, int64_t>> posted;
+    for (const auto& [key, flight] : e->in_flight) posted.insert(key);
+    for (const auto& [key, job] : e->staged) posted.insert(key);
+    for (const auto& [slice_id, receiver] : posted) {
+      transfer::SliceResult failed;
+      failed.unique_rid = rid;
+      failed.slice_id = slice_id;
+      failed.sender_rank = self.rank;
+      failed.outcome = transfer::SliceOutcome::kFailed;
+      failed.code = static_cast<int32_t>(absl::StatusCode::kAborted);
+      failed.reason = reason;
+      failed.settled = false;
+      auto rank = instance.ranks.find(receiver);
+      if (rank != instance.ranks.end()) Send(rank->second.info.control_address, failed);
+    }
+  }
+  for (auto& [rid, e] : receivers) {
+    if (transfer::IsFinal(e->session.state())) continue;
+    const PeerInstance& instance = instances[e->instance];
+    for (const auto& [rank_id, peer] : instance.ranks) {
+      if (!e->session.waits_on(rank_id)) continue;
+      Send(peer.info.control_address,
+           transfer::Cancel{rid, self.rank, Role::kGeneration, reason});
+    }
   }
 }
 

@@ -231,7 +231,10 @@ class Transceiver {
   ABSL_MUST_USE_RESULT static absl::StatusOr<std::unique_ptr<Transceiver>> Create(
       const TransceiverOptions& options, RankSetup setup);
 
-  // Fails every request that is not final (Aborted), then stops.
+  // Stops: every peer of a request that is not final hears that this rank is going
+  // away (a Cancel, or FAILED results for pairs in flight), so none waits for its
+  // deadline; the transport then ends what is in flight. Requests not collected
+  // are dropped.
   ~Transceiver();
   Transceiver(const Transceiver&) = delete;
   Transceiver& operator=(const Transceiver&) = delete;
