@@ -26,6 +26,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cache_reuse/adapter.h"
+#include "kernels/device.h"
 #include "kernels/launch.h"
 #include "kernels/staging.h"
 #include "transfer/control_channel.h"
@@ -52,6 +53,8 @@ using transfer::SenderSession;
 using transfer::SessionAction;
 
 constexpr size_t kMaxInstanceName = 256;
+// Fragments one staged chunk carries at most (a CUDA workspace's capacity).
+constexpr size_t kMaxChunkFragments = 65536;
 
 // The slice groups of a table as the slice builder and the pairing see them (one
 // source of truth: the page table).
@@ -120,6 +123,7 @@ struct Transceiver::Impl {
   int64_t self_dp_rank = 0;
   std::unique_ptr<transport::Transport> transport;
   transport::MemoryKind pool_memory = transport::MemoryKind::kHost;
+  bool stage_only = false;  // pools not registered; every pair staged
   std::vector<transport::RegionId> pool_regions;
   std::unique_ptr<transfer::ControlChannel> channel;
 
@@ -156,13 +160,18 @@ struct Transceiver::Impl {
   TransceiverMetrics metrics ABSL_GUARDED_BY(mu);
 
   // --- The rank's thread only.
-  // Host memory registered for staging, slots back to back.
+  // Host memory registered for staging, slots back to back: plain for host pools,
+  // pinned and mapped for the device (with a kernel workspace per slot) for CUDA
+  // pools.
   struct Arena {
     std::unique_ptr<char[]> bytes;
+    std::optional<kernels::PinnedHostBuffer> pinned;
+    std::vector<std::unique_ptr<kernels::DeviceWorkspace>> workspaces;  // per slot
+    char* base = nullptr;
     transport::RegionId region = 0;
     uint64_t slot_bytes = 0;
     uint32_t slots = 0;
-    char* slot(uint32_t i) const { return bytes.get() + uint64_t{i} * slot_bytes; }
+    char* slot(uint32_t i) const { return base + uint64_t{i} * slot_bytes; }
   };
   struct StagedJob;
   // One staged chunk in flight: its write, and the message that follows it.
@@ -284,11 +293,13 @@ struct Transceiver::Impl {
   void Shutdown();
   // Staging mode (issue 10): gather a pair's small writes into slots, one write per
   // slot, the receiver scatters.
-  bool StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id, int64_t receiver);
+  void StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id, int64_t receiver);
   void PumpStaging(PeerRank& peer);
   void PollStaging();
   void EndStagedJob(StagedJob& job);
   void RetireArenas();
+  absl::StatusOr<std::unique_ptr<Arena>> MakeArena(uint64_t slot_bytes, uint32_t slots);
+  kernels::Launch LaunchFor(const Arena& arena, uint32_t slot) const;
   void HandleStagedChunk(const std::string& from, const transfer::StagedChunk& chunk);
   void HandleStagingCredit(const std::string& from, const transfer::StagingCredit& credit);
   std::optional<transfer::StagingGrant> OfferStaging(PeerRank& rank);
@@ -344,7 +355,26 @@ absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const Transceiv
   absl::StatusOr<std::unique_ptr<transport::Transport>> created = setup.create_transport(endpoint);
   if (!created.ok()) return created.status();
   impl->transport = *std::move(created);
-  for (size_t i = 0; i < impl->table.pools.size(); ++i) {
+  impl->stage_only = options.staging.only;
+  if (setup.pool_memory == transport::MemoryKind::kCuda) {
+    if (impl->transport->capabilities().cuda_memory) {
+      impl->Log("CUDA pools: the transport registers device memory (FI_HMEM): writes go "
+                "from GPU to GPU");
+    } else {
+      impl->stage_only = true;
+      impl->Log(absl::StrCat(
+          "CUDA pools: the transport (", impl->transport->capabilities().backend,
+          ") cannot register device memory (no FI_HMEM / GPUDirect RDMA): every write is "
+          "staged through pinned host memory"));
+    }
+  }
+  if (impl->stage_only && (options.staging.slots == 0 || options.staging.slot_bytes == 0)) {
+    return absl::InvalidArgumentError(
+        "every write must be staged (staging.only, or CUDA pools without FI_HMEM) but "
+        "staging has no slots");
+  }
+  // Pools are registered (and later granted) only when peers write them directly.
+  for (size_t i = 0; !impl->stage_only && i < impl->table.pools.size(); ++i) {
     const transfer::Pool& pool = impl->table.pools[i];
     absl::StatusOr<transport::RegionId> region = impl->transport->RegisterMemory(
         reinterpret_cast<void*>(pool.base_address), pool.slot_bytes * static_cast<uint64_t>(pool.num_slots),
@@ -897,6 +927,7 @@ void Transceiver::Impl::MarkReady(const std::string& instance, int64_t rank) {
 
 std::vector<transfer::PoolGrant> Transceiver::Impl::GrantAll(PeerRank& rank) {
   std::vector<transfer::PoolGrant> grants;
+  if (stage_only) return grants;  // The pools are not registered: staging only.
   for (transport::RegionId region : pool_regions) {
     absl::StatusOr<transport::RegionDescriptor> d = transport->GrantRemoteWrite(region, rank.peer);
     if (!d.ok()) {
@@ -1008,18 +1039,19 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   }
   // Context side.
   if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
-  if (reply != nullptr && !reply->grants.empty()) {
+  if (reply != nullptr && (!reply->grants.empty() || reply->staging.has_value())) {
     if (rank->has_grants && reply->grant_epoch <= rank->grant_epoch) {
       // What this rank holds is as new (a repeated handshake) or newer.
       FinishHandshake(info.control_address, absl::OkStatus());
       return;
     }
-    if (reply->grants.size() != info.page_table.pools.size()) {
+    if (!reply->grants.empty() && reply->grants.size() != info.page_table.pools.size()) {
       CountBad(absl::StrCat("grants do not match the pools: rank=", info.rank,
                             " grants=", reply->grants.size(),
                             " pools=", info.page_table.pools.size()));
       return;
     }
+    // No pool grants with a staging offer: a rank that takes staged writes only.
     rank->grants.clear();
     for (size_t i = 0; i < reply->grants.size(); ++i) {
       const transfer::PoolGrant& g = reply->grants[i];
@@ -1046,32 +1078,24 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
                        ": slots=", offer->slots, " slot_bytes=", offer->slot_bytes));
     }
     SendStaging* staging = rank->staging.get();
-    if (!fits || options.staging.threshold_bytes == 0) {
+    if (!fits || (options.staging.threshold_bytes == 0 && !stage_only)) {
       if (staging == nullptr || staging->in_flight.empty()) rank->staging.reset();
     } else if (staging != nullptr && staging->local.slot_bytes == offer->slot_bytes &&
                staging->local.slots == offer->slots) {
       staging->remote = transport::RegionDescriptor{offer->region.address, offer->region.length,
                                                     offer->region.key};
     } else if (staging == nullptr || staging->in_flight.empty()) {
-      auto fresh_staging = std::make_unique<SendStaging>();
-      fresh_staging->remote = transport::RegionDescriptor{
-          offer->region.address, offer->region.length, offer->region.key};
-      Arena& local = fresh_staging->local;
-      local.slot_bytes = offer->slot_bytes;
-      local.slots = offer->slots;
-      local.bytes.reset(new char[offer->slot_bytes * offer->slots]);
-      absl::StatusOr<transport::RegionId> region =
-          transport->RegisterMemory(local.bytes.get(), offer->slot_bytes * offer->slots);
-      if (region.ok()) {
-        local.region = *region;
+      absl::StatusOr<std::unique_ptr<Arena>> local = MakeArena(offer->slot_bytes, offer->slots);
+      if (local.ok()) {
+        auto fresh_staging = std::make_unique<SendStaging>();
+        fresh_staging->remote = transport::RegionDescriptor{
+            offer->region.address, offer->region.length, offer->region.key};
+        fresh_staging->local = std::move(**local);
         fresh_staging->busy.assign(offer->slots, false);
-        if (staging != nullptr) {
-          absl::Status freed = transport->DeregisterMemory(staging->local.region);
-          if (!freed.ok()) Log(freed.ToString());
-        }
+        if (staging != nullptr) retired.push_back(std::make_unique<Arena>(std::move(staging->local)));
         rank->staging = std::move(fresh_staging);
       } else {
-        Log(absl::StrCat("staging off for rank ", info.rank, ": ", region.status().ToString()));
+        Log(absl::StrCat("staging off for rank ", info.rank, ": ", local.status().ToString()));
       }
     }
     if (first) MarkReady(info.instance, info.rank);
@@ -1338,9 +1362,19 @@ void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t re
     e.session.OnSliceEnded(slice_id, receiver, transfer::SliceOutcomeInfo{}, out);
     return;
   }
-  if (plan.fragments.size() > 1 && peer.staging != nullptr &&
-      plan.total_bytes / plan.fragments.size() < options.staging.threshold_bytes &&
-      StageJob(e, peer, slice_id, receiver)) {
+  // Staged: always when either side's pools are not exposed to RDMA (staging only:
+  // no pool grants, or this rank did not register its pools), else when the writes
+  // are small on average.
+  const bool must_stage = stage_only || peer.grants.empty();
+  const bool small = plan.fragments.size() > 1 &&
+                     plan.total_bytes / plan.fragments.size() < options.staging.threshold_bytes;
+  if (must_stage || (small && peer.staging != nullptr)) {
+    if (peer.staging == nullptr) {
+      return fail(absl::FailedPreconditionError(absl::StrCat(
+          "pair must be staged but the receiver offers no staging: request=",
+          e.session.unique_rid(), " receiver=", receiver)));
+    }
+    StageJob(e, peer, slice_id, receiver);
     if (!e.first_post.has_value()) e.first_post = planned_at;
     return;  // The job ends the pair (OnSliceEnded) once its chunks are delivered.
   }
@@ -1519,24 +1553,18 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
 
 std::optional<transfer::StagingGrant> Transceiver::Impl::OfferStaging(PeerRank& rank) {
   const TransceiverOptions::Staging& config = options.staging;
-  if (config.threshold_bytes == 0 || config.slots == 0 || config.slot_bytes == 0 ||
-      pool_memory != transport::MemoryKind::kHost) {
+  if ((config.threshold_bytes == 0 && !stage_only) || config.slots == 0 ||
+      config.slot_bytes == 0) {
     return std::nullopt;
   }
   if (rank.arena == nullptr) {
-    auto arena = std::make_unique<Arena>();
-    arena->slot_bytes = config.slot_bytes;
-    arena->slots = config.slots;
-    arena->bytes.reset(new char[config.slot_bytes * config.slots]);
-    absl::StatusOr<transport::RegionId> region =
-        transport->RegisterMemory(arena->bytes.get(), config.slot_bytes * config.slots);
-    if (!region.ok()) {
+    absl::StatusOr<std::unique_ptr<Arena>> arena = MakeArena(config.slot_bytes, config.slots);
+    if (!arena.ok()) {
       Log(absl::StrCat("staging off for ", rank.info.instance, "/", rank.info.rank, ": ",
-                       region.status().ToString()));
+                       arena.status().ToString()));
       return std::nullopt;
     }
-    arena->region = *region;
-    rank.arena = std::move(arena);
+    rank.arena = *std::move(arena);
   }
   absl::StatusOr<transport::RegionDescriptor> grant =
       transport->GrantRemoteWrite(rank.arena->region, rank.peer);
@@ -1552,7 +1580,39 @@ std::optional<transfer::StagingGrant> Transceiver::Impl::OfferStaging(PeerRank& 
   return offer;
 }
 
-bool Transceiver::Impl::StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id,
+absl::StatusOr<std::unique_ptr<Transceiver::Impl::Arena>> Transceiver::Impl::MakeArena(
+    uint64_t slot_bytes, uint32_t slots) {
+  auto arena = std::make_unique<Arena>();
+  arena->slot_bytes = slot_bytes;
+  arena->slots = slots;
+  const uint64_t bytes = slot_bytes * slots;
+  if (pool_memory == transport::MemoryKind::kCuda) {
+    absl::StatusOr<kernels::PinnedHostBuffer> pinned = kernels::PinnedHostBuffer::Create(bytes);
+    if (!pinned.ok()) return pinned.status();
+    arena->pinned = *std::move(pinned);
+    arena->base = static_cast<char*>(arena->pinned->data());
+    for (uint32_t i = 0; i < slots; ++i) {
+      absl::StatusOr<std::unique_ptr<kernels::DeviceWorkspace>> workspace =
+          kernels::DeviceWorkspace::Create(kMaxChunkFragments);
+      if (!workspace.ok()) return workspace.status();
+      arena->workspaces.push_back(*std::move(workspace));
+    }
+  } else {
+    arena->bytes.reset(new char[bytes]);
+    arena->base = arena->bytes.get();
+  }
+  absl::StatusOr<transport::RegionId> region = transport->RegisterMemory(arena->base, bytes);
+  if (!region.ok()) return region.status();
+  arena->region = *region;
+  return arena;
+}
+
+kernels::Launch Transceiver::Impl::LaunchFor(const Arena& arena, uint32_t slot) const {
+  return arena.workspaces.empty() ? kernels::Launch::Host()
+                                  : kernels::Launch::Cuda(arena.workspaces[slot].get());
+}
+
+void Transceiver::Impl::StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id,
                                  int64_t receiver) {
   auto job = std::make_unique<StagedJob>();
   job->rid = e.session.unique_rid();
@@ -1563,7 +1623,6 @@ bool Transceiver::Impl::StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_i
   e.staged[{slice_id, receiver}] = std::move(job);
   peer.staging->queue.push_back(raw);
   PumpStaging(peer);
-  return true;
 }
 
 // Fills every free slot with the next chunk of the oldest job, FIFO over jobs.
@@ -1593,7 +1652,7 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
     chunk.slot = slot;
     sources.clear();
     uint64_t used = 0;
-    while (!job.done() && used < local.slot_bytes) {
+    while (!job.done() && used < local.slot_bytes && chunk.fragments.size() < kMaxChunkFragments) {
       const transfer::Fragment& f = job.fragments[job.next];
       const uint64_t take = std::min(f.bytes - job.next_offset, local.slot_bytes - used);
       const transfer::Pool& pool = table.pools[f.src_pool];
@@ -1608,8 +1667,12 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
         job.next_offset = 0;
       }
     }
-    absl::Status gathered = kernels::Gather(kernels::Launch::Host(), sources,
-                                            kernels::StagingBuffer{local.slot(slot), local.slot_bytes}, 0);
+    // The copy is synchronous, but the slot's previous chunk and the other slots'
+    // writes go on meanwhile on the transport's thread.
+    const kernels::Launch launch = LaunchFor(local, slot);
+    absl::Status gathered = kernels::Gather(
+        launch, sources, kernels::StagingBuffer{local.slot(slot), local.slot_bytes}, 0);
+    if (gathered.ok()) gathered = kernels::Wait(launch);
     absl::StatusOr<transport::TransferId> id =
         gathered.ok() ? transport->PostWrites(
                             peer.peer,
@@ -1754,9 +1817,10 @@ void Transceiver::Impl::HandleStagedChunk(const std::string& from,
     CountBad(absl::StrCat("staged chunk outside this rank's pools or its slot: from=", from,
                           " request=", chunk.unique_rid));
   } else if (wanted) {
+    const kernels::Launch launch = LaunchFor(arena, chunk.slot);
     absl::Status scattered = kernels::Scatter(
-        kernels::Launch::Host(), kernels::StagingBuffer{arena.slot(chunk.slot), arena.slot_bytes},
-        0, targets);
+        launch, kernels::StagingBuffer{arena.slot(chunk.slot), arena.slot_bytes}, 0, targets);
+    if (scattered.ok()) scattered = kernels::Wait(launch);
     if (!scattered.ok()) Log(scattered.ToString());
     MutexLock lock(&mu);
     ++metrics.staged_chunks;

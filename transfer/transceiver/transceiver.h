@@ -119,7 +119,7 @@ struct TransceiverOptions {
   // Staging mode (gather, one write, scatter) for a (slice, rank pair) whose
   // planned writes are small: when their average size is below `threshold_bytes`,
   // the sender gathers them into a staging slot, writes the slot in one write, and
-  // the receiver scatters it. 0 turns staging off. Host pools only.
+  // the receiver scatters it. 0 turns staging off (unless `only`).
   struct Staging {
     uint64_t threshold_bytes = 16 << 10;
     // Per peer rank, on each side: slots of slot_bytes. A sender waits for a free
@@ -128,6 +128,13 @@ struct TransceiverOptions {
     uint64_t slot_bytes = uint64_t{4} << 20;
     // A sender refuses a peer's staging offer larger than this (it allocates as much).
     uint64_t max_arena_bytes = uint64_t{64} << 20;
+    // Never let peers write the pools directly: the pools are not registered with
+    // the transport, and every pair is staged. Chosen by itself (and said in the
+    // log) for CUDA pools the transport cannot register (no FI_HMEM / GPUDirect
+    // RDMA, as Debian's libfabric): staging then goes through pinned host memory,
+    // gathered and scattered by the CUDA kernels, each chunk's copy overlapping the
+    // previous chunk's write.
+    bool only = false;
   };
   Staging staging;
 };

@@ -514,6 +514,41 @@ TEST(TransceiverStagingTest, SmallWritesGoThroughStagingSlotsByteExact) {
   EXPECT_EQ(generation->transceiver->metrics().staged_chunks, 3 * chunks);
 }
 
+// Staging only: a rank whose pools are never exposed to RDMA (the path CUDA pools
+// take without FI_HMEM, here on host memory). Every pair is staged whatever its
+// write size, from either side's choice.
+TEST(TransceiverStagingTest, StagingOnlyRanksNeverExposeTheirPools) {
+  for (bool on_generation : {true, false}) {
+    SCOPED_TRACE(on_generation ? "generation stages only" : "context stages only");
+    TransceiverOptions::Staging only;
+    only.only = true;
+    only.slot_bytes = 4096;
+    std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+                                             nullptr, on_generation ? nullptr : &only);
+    std::unique_ptr<Rank> generation =
+        MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr,
+                 on_generation ? &only : nullptr);
+    ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                       In(absl::Seconds(10))));
+    // Contiguous blocks: one large write if it were not staged.
+    context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1, 2, 3}});
+    generation->manager.AddRequestFromTables(1, std::nullopt, {{4, 5, 6, 7}});
+    Fill(*context, 1, {0, 1, 2, 3});
+    ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 16)));
+    GenerationRequest receive;
+    receive.unique_rid = 1;
+    receive.prompt_len = 16;
+    receive.context_instance = "prefill";
+    ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+    std::vector<RequestStatus> done =
+        generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation, {4, 5, 6, 7}, *context, {0, 1, 2, 3}));
+    EXPECT_GE(context->transceiver->metrics().staged_chunks, 1);
+  }
+}
+
 TEST_F(TransceiverTest, SidesAreTyped) {
   std::unique_ptr<Rank> other = MakeRank("decode-2", Role::kGeneration, transfer::MakeTopology(1, {2}));
   ASSERT_NE(other, nullptr);
