@@ -73,9 +73,22 @@ bool operator==(const PoolGrant& a, const PoolGrant& b) {
 bool operator==(const RankInfoRequest& a, const RankInfoRequest& b) {
   return a.sender == b.sender;
 }
+bool operator==(const StagingGrant& a, const StagingGrant& b) {
+  return std::tie(a.region, a.slot_bytes, a.slots) == std::tie(b.region, b.slot_bytes, b.slots);
+}
 bool operator==(const RankInfoReply& a, const RankInfoReply& b) {
-  return std::tie(a.sender, a.grant_epoch, a.grants) ==
-         std::tie(b.sender, b.grant_epoch, b.grants);
+  return std::tie(a.sender, a.grant_epoch, a.grants, a.staging) ==
+         std::tie(b.sender, b.grant_epoch, b.grants, b.staging);
+}
+bool operator==(const StagedFragment& a, const StagedFragment& b) {
+  return std::tie(a.pool, a.offset, a.bytes) == std::tie(b.pool, b.offset, b.bytes);
+}
+bool operator==(const StagedChunk& a, const StagedChunk& b) {
+  return std::tie(a.unique_rid, a.slice_id, a.sender_rank, a.slot, a.fragments) ==
+         std::tie(b.unique_rid, b.slice_id, b.sender_rank, b.slot, b.fragments);
+}
+bool operator==(const StagingCredit& a, const StagingCredit& b) {
+  return std::tie(a.receiver_rank, a.slot) == std::tie(b.receiver_rank, b.slot);
 }
 bool operator==(const RequestData& a, const RequestData& b) {
   return std::tie(a.unique_rid, a.slice_id, a.receiver_rank, a.prompt_len, a.token_start,
@@ -199,6 +212,7 @@ std::vector<Named> TypicalMessages() {
   reply.sender.role = Role::kGeneration;
   reply.grant_epoch = 7;
   reply.grants = {PoolGrant{1 << 20, 8192, 0x1234}, PoolGrant{1 << 24, 1024, 0x5678}};
+  reply.staging = StagingGrant{PoolGrant{1 << 28, 4 << 20, 0x9abc}, 1 << 20, 4};
   RequestData data;
   data.unique_rid = 42;
   data.slice_id = 1;
@@ -227,12 +241,16 @@ std::vector<Named> TypicalMessages() {
   failed.writes = 2;
   AuxTokens aux{42, 3, 5, {11, 12, 13}};
   Cancel cancel{42, 2, Role::kGeneration, "engine aborted the request"};
+  StagedChunk chunk{42, 1, 3, 2, {{0, 4096, 512}, {1, 0, 100}, {0, 1 << 30, 7}}};
+  StagingCredit credit{2, 3};
   return {{"RankInfoRequest", RankInfoRequest{ValidRankInfo()}},
           {"RankInfoReply", reply},
           {"RequestData", data},
           {"SliceResult", failed},
           {"AuxTokens", aux},
-          {"Cancel", cancel}};
+          {"Cancel", cancel},
+          {"StagedChunk", chunk},
+          {"StagingCredit", credit}};
 }
 
 // Edges of every kind: zeros, maxima, optionals absent and present, empty and
@@ -268,6 +286,9 @@ std::vector<Named> ExtremeMessages() {
   messages.push_back({"RankInfoRequest attention dp", RankInfoRequest{dp}});
 
   messages.push_back({"RankInfoReply no grants", RankInfoReply{small, 0, {}}});
+  RankInfoReply staging_only{ValidRankInfo(), 3, {}};
+  staging_only.staging = StagingGrant{PoolGrant{0, 4 << 20, 0x9abc}, 1 << 20, 4};
+  messages.push_back({"RankInfoReply staging only", staging_only});
   messages.push_back(
       {"RankInfoReply max grants",
        RankInfoReply{ValidRankInfo(),
@@ -702,8 +723,8 @@ TEST(Protocol, RejectsUnknownKindAndVersion) {
   ExpectRejections({
       {"kind 0", Edited("Cancel", Set({0}, Uint(0))), kInvalid,
        "message.kind: unknown message kind: kind=0"},
-      {"kind 7", Edited("Cancel", Set({0}, Uint(7))), kInvalid,
-       "message.kind: unknown message kind: kind=7"},
+      {"kind 9", Edited("Cancel", Set({0}, Uint(9))), kInvalid,
+       "message.kind: unknown message kind: kind=9"},
       {"kind huge", Edited("Cancel", Set({0}, Uint(kMaxU64))), kInvalid,
        "message.kind: unknown message kind: kind=18446744073709551615"},
       {"kind negative", Edited("Cancel", Set({0}, Int(-1))), kInvalid,
@@ -1003,6 +1024,7 @@ TEST(Protocol, BoundsTheWholeMessageBeforeUnpackingIt) {
   limits.max_pools = 0;
   limits.max_layers = 0;
   limits.max_aux_tokens = 0;
+  limits.max_staged_fragments = 0;
   RequestData data;
   data.block_ids_per_group.assign(2, BlockList(60, 1));
   EXPECT_THAT(DecodeMessage(EncodeMessage(data), limits),
