@@ -1,6 +1,7 @@
 #include "transfer/control_channel.h"
 
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +40,12 @@ constexpr int kReconnectIntervalMaxMs = 1000;
 // ZeroMQ routing ids, which carry this channel's address to its peers, are at most
 // 255 bytes.
 constexpr size_t kMaxRoutingIdBytes = 255;
+// With CURVE a routing id is the address, a NUL, and this many random bytes, fresh
+// for each peer socket (and kept across its reconnects). The ROUTER hands a routing
+// id over to the newest connection that presents it (router_handover, below), so
+// an id anyone knows could be taken over by any allowlisted peer, cutting its owner
+// off; under CURVE the id travels encrypted and only the two ends ever see it.
+constexpr size_t kRoutingNonceBytes = 16;
 
 constexpr absl::string_view kTcpScheme = "tcp://";
 
@@ -170,7 +177,16 @@ absl::StatusOr<zmq::socket_t*> ControlChannel::Impl::Peer(
       dealer.set(zmq::sockopt::curve_publickey, options.security.keys.public_key);
       dealer.set(zmq::sockopt::curve_secretkey, options.security.keys.secret_key);
     }
-    dealer.set(zmq::sockopt::routing_id, address);
+    std::string routing_id = address;
+    if (curve) {
+      char nonce[kRoutingNonceBytes];
+      if (getrandom(nonce, sizeof(nonce), 0) != static_cast<ssize_t>(sizeof(nonce))) {
+        return absl::InternalError(absl::StrCat("getrandom failed: errno=", errno,
+                                                " error=", std::strerror(errno)));
+      }
+      routing_id.append(1, '\0').append(nonce, sizeof(nonce));
+    }
+    dealer.set(zmq::sockopt::routing_id, routing_id);
     dealer.set(zmq::sockopt::sndhwm, options.send_high_water_mark);
     dealer.set(zmq::sockopt::sndtimeo,
                static_cast<int>(ToMilliseconds(options.send_timeout)));
@@ -208,6 +224,7 @@ absl::StatusOr<size_t> ControlChannel::Impl::Drain(size_t budget,
         more = router.recv(extra, zmq::recv_flags::dontwait) && extra.more();
       }
       if (!single_frame) continue;
+      std::string sender = from.to_string();
       std::string peer_instance;
       if (curve) {
         // Set by the authenticator from the key the sender proved; a message
@@ -215,8 +232,9 @@ absl::StatusOr<size_t> ControlChannel::Impl::Drain(size_t budget,
         const char* user_id = zmq_msg_gets(body.handle(), "User-Id");
         if (user_id == nullptr || *user_id == '\0') continue;
         peer_instance = user_id;
+        sender.resize(std::min(sender.size(), sender.find('\0')));  // drop the nonce
       }
-      out->push_back(Incoming{from.to_string(), body.to_string(), std::move(peer_instance)});
+      out->push_back(Incoming{std::move(sender), body.to_string(), std::move(peer_instance)});
       ++appended;
     }
   } catch (const zmq::error_t& e) {
@@ -272,10 +290,12 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> ControlChannel::Create(
     return ZmqStatus(EndpointErrorCode(e, absl::StatusCode::kUnavailable),
                      "cannot bind control socket", options.bind_address, e);
   }
-  if (impl->address.size() > kMaxRoutingIdBytes) {
+  const size_t max_address_bytes =
+      kMaxRoutingIdBytes - (impl->curve ? 1 + kRoutingNonceBytes : 0);
+  if (impl->address.size() > max_address_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("control address too long for a routing id: address=", impl->address,
-                     " bytes=", impl->address.size(), " max=", kMaxRoutingIdBytes));
+                     " bytes=", impl->address.size(), " max=", max_address_bytes));
   }
   if (impl->authenticator != nullptr) impl->authenticator->Start(impl->address);
   return std::unique_ptr<ControlChannel>(new ControlChannel(std::move(impl)));
