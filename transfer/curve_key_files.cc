@@ -88,6 +88,8 @@ absl::StatusOr<std::string> ReadKeyFile(absl::string_view path, bool secret) {
   int keys = 0;
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     line = absl::StripAsciiWhitespace(line);
+    // '#' is a Z85 digit, but digit 84, and the first digit of a group is at most
+    // 82 (85^5 > 2^32): no key starts with '#'.
     if (line.empty() || absl::StartsWith(line, "#")) continue;
     if (++keys == 1) key = std::string(line);
   }

@@ -12,8 +12,8 @@
 //   // reads decode-0.secret and decode-0.pub; every other *.pub is a peer
 //
 // File format: the 40 Z85 characters of the key on one line, as zmq_curve_keypair
-// makes them; blank lines and lines starting with '#' are ignored; at most 4096
-// bytes.
+// makes them; blank lines and lines starting with '#' (which no Z85 key does) are
+// ignored; at most 4096 bytes.
 //
 // Thread safety: functions of the file system only.
 

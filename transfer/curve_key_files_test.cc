@@ -167,6 +167,17 @@ TEST_F(CurveKeyFilesTest, AnInstanceWithoutPeersIsRefused) {
                        HasSubstr("allowlist is empty")));
 }
 
+TEST_F(CurveKeyFilesTest, NoKeyStartsWithTheCommentMark) {
+  // '#' is Z85 digit 84; a group's first digit is at most 82 (85^5 > 2^32), so a
+  // line starting with '#' is never a key and the reader may skip it.
+  for (int i = 0; i < 200; ++i) {
+    std::string key = MustGenerate().public_key;
+    key[0] = '#';
+    ASSERT_THAT(ValidateCurveKey(key, "probe"), StatusIs(absl::StatusCode::kInvalidArgument))
+        << key;
+  }
+}
+
 TEST_F(CurveKeyFilesTest, KeyFileFormat) {
   const std::string key = prefill0_.public_key;
   const struct {
@@ -176,7 +187,7 @@ TEST_F(CurveKeyFilesTest, KeyFileFormat) {
   } cases[] = {
       {"bare key", key, true},
       {"key and newline", key + "\n", true},
-      {"comments, blank lines, spaces", "# a comment\n\n   " + key + "  \r\n# end\n", true},
+      {"comments, blank lines, spaces", "# a comment\n#\n\n   " + key + "  \r\n#end\n", true},
       {"empty", "", false},
       {"comments only", "# nothing\n", false},
       {"two keys", key + "\n" + key + "\n", false},
