@@ -428,20 +428,14 @@ class LogLines {
   std::vector<std::string> lines_ ABSL_GUARDED_BY(mu_);
 };
 
-CurveKeyPair MustGenerateKeys() {
-  absl::StatusOr<CurveKeyPair> keys = GenerateCurveKeyPair();
-  EXPECT_THAT(keys, IsOk());
-  return keys.ok() ? *keys : CurveKeyPair{};
-}
-
 // Three instances: "a" and "b" allow each other; "outsider" allows "b" (so it can
 // dial b with b's key) but nobody allows it.
 class CurveChannelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    a_keys_ = MustGenerateKeys();
-    b_keys_ = MustGenerateKeys();
-    outsider_keys_ = MustGenerateKeys();
+    a_keys_ = GenerateCurveKeyPair().value();
+    b_keys_ = GenerateCurveKeyPair().value();
+    outsider_keys_ = GenerateCurveKeyPair().value();
     a_ = MustCreate(Curve(a_keys_, {{"b", b_keys_.public_key}}, &a_log_));
     b_ = MustCreate(Curve(b_keys_, {{"a", a_keys_.public_key}}, &b_log_));
     ASSERT_TRUE(a_ && b_);
@@ -640,7 +634,7 @@ TEST(ControlChannel, CurveWithoutKeysOrPeersIsInvalidArgument) {
   options.security.mode = ControlSecurity::Mode::kCurve;
   EXPECT_THAT(ControlChannel::Create(options),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("own public")));
-  options.security.keys = MustGenerateKeys();
+  options.security.keys = GenerateCurveKeyPair().value();
   EXPECT_THAT(ControlChannel::Create(options),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("allowlist is empty")));
 }

@@ -290,12 +290,6 @@ TEST_F(TransceiverTest, SidesAreTyped) {
 
 // --- CURVE (transfer/CONTROL_PLANE.md) ---------------------------------------------
 
-transfer::CurveKeyPair MustGenerateKeys() {
-  absl::StatusOr<transfer::CurveKeyPair> keys = transfer::GenerateCurveKeyPair();
-  EXPECT_OK(keys.status());
-  return keys.ok() ? *keys : transfer::CurveKeyPair{};
-}
-
 transfer::ControlSecurity Curve(const transfer::CurveKeyPair& keys,
                                 std::map<std::string, std::string> peers) {
   transfer::ControlSecurity security;
@@ -310,9 +304,9 @@ transfer::ControlSecurity Curve(const transfer::CurveKeyPair& keys,
 class CurveTransceiverTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    prefill_keys_ = MustGenerateKeys();
-    decode_keys_ = MustGenerateKeys();
-    mallory_keys_ = MustGenerateKeys();
+    prefill_keys_ = transfer::GenerateCurveKeyPair().value();
+    decode_keys_ = transfer::GenerateCurveKeyPair().value();
+    mallory_keys_ = transfer::GenerateCurveKeyPair().value();
     context_ = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
                         Curve(prefill_keys_, {{"decode", decode_keys_.public_key}}));
     generation_ = MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}),
@@ -322,16 +316,20 @@ class CurveTransceiverTest : public ::testing::Test {
     ASSERT_NE(generation_, nullptr);
   }
 
-  // One request from the real prefill instance to decode, every byte checked.
-  void ExpectOneRequestMoves(uint64_t rid) {
-    context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  // Decode asks prefill for 16 tokens into slots 10..13.
+  absl::Status Receive(uint64_t rid) {
     generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11, 12, 13}});
-    Fill(*context_, rid, {0, 1, 2, 3});
     GenerationRequest receive;
     receive.unique_rid = rid;
     receive.prompt_len = 16;
     receive.context_instance = "prefill";
-    ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+    return generation_->transceiver->RequestAndReceiveAsync(receive);
+  }
+
+  // Prefill sends them from slots 0..3; decode must then hold every byte.
+  void ExpectSentAndReceived(uint64_t rid) {
+    context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+    Fill(*context_, rid, {0, 1, 2, 3});
     ContextRequest send;
     send.unique_rid = rid;
     send.prompt_len = 16;
@@ -341,6 +339,11 @@ class CurveTransceiverTest : public ::testing::Test {
     ASSERT_EQ(done.size(), 1u);
     EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
     EXPECT_TRUE(SameSlots(*generation_, {10, 11, 12, 13}, *context_, {0, 1, 2, 3}));
+  }
+
+  void ExpectOneRequestMoves(uint64_t rid) {
+    ASSERT_OK(Receive(rid));
+    ExpectSentAndReceived(rid);
   }
 
   transfer::CurveKeyPair prefill_keys_, decode_keys_, mallory_keys_;
@@ -375,12 +378,7 @@ TEST_F(CurveTransceiverTest, PeerClaimingAnotherInstanceLearnsNothing) {
   EXPECT_EQ(mallory->transceiver->metrics().handshakes, 0);
   EXPECT_GE(generation_->transceiver->metrics().bad_messages, 1);
   // Nor did decode take it for the real prefill.
-  generation_->manager.AddRequestFromTables(32, std::nullopt, {{20, 21, 22, 23}});
-  GenerationRequest receive;
-  receive.unique_rid = 32;
-  receive.prompt_len = 16;
-  receive.context_instance = "prefill";
-  EXPECT_THAT(generation_->transceiver->RequestAndReceiveAsync(receive),
+  EXPECT_THAT(Receive(32),
               StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("not added")));
   // The real one is still welcome.
   ASSERT_OK(generation_->transceiver->AddPeerInstance(
@@ -389,7 +387,7 @@ TEST_F(CurveTransceiverTest, PeerClaimingAnotherInstanceLearnsNothing) {
 }
 
 TEST_F(CurveTransceiverTest, InstanceOutsideTheAllowlistLearnsNothing) {
-  const transfer::CurveKeyPair outsider_keys = MustGenerateKeys();
+  const transfer::CurveKeyPair outsider_keys = transfer::GenerateCurveKeyPair().value();
   std::unique_ptr<Rank> outsider =
       MakeRank("prefill-9", Role::kContext, transfer::MakeTopology(1, {2}),
                Curve(outsider_keys, {{"decode", decode_keys_.public_key}}));
@@ -407,12 +405,7 @@ TEST_F(CurveTransceiverTest, MessageFromAnotherInstancesAddressIsDropped) {
   ASSERT_OK(generation_->transceiver->AddPeerInstance(
       "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
   const uint64_t rid = 36;
-  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11, 12, 13}});
-  GenerationRequest receive;
-  receive.unique_rid = rid;
-  receive.prompt_len = 16;
-  receive.context_instance = "prefill";
-  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(Receive(rid));
   // Mallory, with its own allowed key, sends a cancel from prefill's address.
   zmq::context_t context;
   zmq::socket_t forger(context, zmq::socket_type::dealer);
@@ -437,16 +430,7 @@ TEST_F(CurveTransceiverTest, MessageFromAnotherInstancesAddressIsDropped) {
   }
   ASSERT_EQ(generation_->transceiver->metrics().bad_messages, 1);
   // The request goes on, from the real prefill.
-  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
-  Fill(*context_, rid, {0, 1, 2, 3});
-  ContextRequest send;
-  send.unique_rid = rid;
-  send.prompt_len = 16;
-  ASSERT_OK(context_->transceiver->RespondAndSendAsync(send));
-  std::vector<RequestStatus> done =
-      generation_->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
-  ASSERT_EQ(done.size(), 1u);
-  EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+  ExpectSentAndReceived(rid);
 }
 
 }  // namespace
