@@ -148,8 +148,10 @@ void CurveAuthenticator::Run() {
     } catch (const zmq::error_t& e) {
       // Nothing here is the peer's doing (libzmq frames ZAP and monitor messages);
       // say so and keep serving: giving up would stall every later handshake.
-      if (e.num() != EINTR) {
-        Write(absl::StrCat("curve authenticator: errno=", e.num(), " error=", e.what()));
+      if (e.num() == EINTR) continue;
+      if (const int64_t n = Tally(absl::StrCat("errno ", e.num())); PowerOfTwo(n)) {
+        Write(absl::StrCat("curve authenticator failed: errno=", e.num(), " error=", e.what(),
+                           " failures=", n));
       }
     }
   }
@@ -175,7 +177,7 @@ void CurveAuthenticator::AnswerZap() {
       frames[6].size() != kCurveKeyBytes) {
     reason = "not a CURVE request of this channel";
     ++refused_connections_;
-    if (const int64_t n = CountRefusal("zap:malformed"); PowerOfTwo(n)) {
+    if (const int64_t n = Tally("zap:malformed"); PowerOfTwo(n)) {
       Write(absl::StrCat("refused a malformed authentication request: mechanism=", text(5),
                          " refusals=", n));
     }
@@ -185,7 +187,7 @@ void CurveAuthenticator::AnswerZap() {
     ++refused_connections_;
     ++refused_keys_;
     const std::string key = Z85(frames[6].to_string());
-    if (const int64_t n = CountRefusal(key); PowerOfTwo(n)) {
+    if (const int64_t n = Tally(key); PowerOfTwo(n)) {
       Write(absl::StrCat("refused a client key that is not in the allowlist: key=", key,
                          " peer_ip=", text(3), " refusals=", n));
     }
@@ -218,13 +220,13 @@ void CurveAuthenticator::ReadMonitor() {
     std::memcpy(&value, static_cast<const char*>(event.data()) + 2, sizeof(value));
     ++refused_connections_;
     const std::string why = HandshakeFailure(id, value);
-    if (const int64_t n = CountRefusal(why); PowerOfTwo(n)) {
+    if (const int64_t n = Tally(why); PowerOfTwo(n)) {
       Write(absl::StrCat("refused a connection: ", why, ": refusals=", n));
     }
   }
 }
 
-int64_t CurveAuthenticator::CountRefusal(const std::string& what) {
+int64_t CurveAuthenticator::Tally(const std::string& what) {
   auto it = refusals_.find(what);
   if (it == refusals_.end()) {
     // A peer that makes up a new key per attempt must not grow the map without

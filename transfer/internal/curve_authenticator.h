@@ -70,9 +70,9 @@ class CurveAuthenticator {
   void Run();
   void AnswerZap();
   void ReadMonitor();
-  // Counts one more refusal of a key or for a reason; returns how many so far
-  // (lines are logged when it is a power of two).
-  int64_t CountRefusal(const std::string& what);
+  // Counts one more refusal of a key, or event for a reason; returns how many so
+  // far (a line is logged when it is a power of two).
+  int64_t Tally(const std::string& what);
   void Write(absl::string_view line);
 
   // Constant after Start.
@@ -85,7 +85,7 @@ class CurveAuthenticator {
   int stop_fd_ = -1;
   std::thread thread_;
 
-  // The internal thread only: refusals per key or reason, bounded.
+  // The internal thread only: events per key or reason, bounded.
   absl::flat_hash_map<std::string, int64_t> refusals_;
   int64_t refusals_untracked_ = 0;
 
