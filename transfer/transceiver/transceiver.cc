@@ -279,6 +279,9 @@ struct Transceiver::Impl {
   void Run();
   void Execute(Command& command);
   void Handle(const transfer::ControlChannel::Incoming& incoming);
+  // With CURVE: the instance a message claims is the one its sender's key proved.
+  absl::Status CheckSenderInstance(const transfer::ControlChannel::Incoming& incoming,
+                                   const Message& message);
   void HandleRankInfo(const std::string& from, const RankInfo& info, bool is_request,
                       const transfer::RankInfoReply* reply);
   void HandleRequestData(const std::string& from, const transfer::RequestData& data);
@@ -345,8 +348,11 @@ absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const Transceiv
   impl->self_dp_rank = topology.attention_dp ? topology.tp_rank : 0;
   impl->pool_memory = setup.pool_memory;
 
+  transfer::ControlChannelOptions channel_options;
+  channel_options.bind_address = options.control_bind;
+  channel_options.security = options.control_security;
   absl::StatusOr<std::unique_ptr<transfer::ControlChannel>> channel =
-      transfer::ControlChannel::Create(transfer::ControlChannelOptions{options.control_bind});
+      transfer::ControlChannel::Create(channel_options);
   if (!channel.ok()) return channel.status();
   impl->channel = *std::move(channel);
   transport::EndpointOptions endpoint = setup.endpoint;
@@ -415,11 +421,24 @@ const RankInfo& Transceiver::rank_info() const { return impl_->self; }
 
 absl::Status Transceiver::AddPeerInstance(absl::Span<const std::string> control_addresses,
                                           absl::Time deadline) {
+  return AddPeerInstance("", control_addresses, deadline);
+}
+
+absl::Status Transceiver::AddPeerInstance(absl::string_view instance,
+                                          absl::Span<const std::string> control_addresses,
+                                          absl::Time deadline) {
   if (control_addresses.empty()) {
     return absl::InvalidArgumentError("AddPeerInstance needs the control address of every rank");
   }
+  if (instance.empty() &&
+      impl_->options.control_security.mode != transfer::ControlSecurity::Mode::kOff) {
+    // The handshake must be sealed for some instance's key before it is sent.
+    return absl::InvalidArgumentError(
+        "with CURVE, AddPeerInstance must name the peer instance it adds");
+  }
   Impl::Command command;
   command.kind = Impl::Command::Kind::kAddPeers;
+  command.instance = std::string(instance);
   command.addresses.assign(control_addresses.begin(), control_addresses.end());
   {
     MutexLock lock(&impl_->mu);
@@ -771,7 +790,15 @@ void Transceiver::Impl::Execute(Command& command) {
       // Always asked afresh, even for a known address: the answer tells whether the
       // rank there restarted (a new transport address) since.
       transfer::RankInfoRequest hello{self};
-      for (const std::string& address : command.addresses) Send(address, hello);
+      for (const std::string& address : command.addresses) {
+        // With CURVE, only `command.instance` can accept what is sent there (and an
+        // address already known as another instance is refused here).
+        if (absl::Status tied = channel->SetPeerInstance(address, command.instance); !tied.ok()) {
+          FinishHandshake(address, tied);
+          continue;
+        }
+        Send(address, hello);
+      }
       return;
     }
     case Command::Kind::kRemovePeer:
@@ -890,6 +917,10 @@ void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incomin
     CountBad(absl::StrCat("from ", incoming.from, ": ", decoded.status().ToString()));
     return;
   }
+  if (absl::Status proven = CheckSenderInstance(incoming, *decoded); !proven.ok()) {
+    CountBad(proven.message());
+    return;
+  }
   if (auto* m = std::get_if<transfer::RankInfoRequest>(&*decoded)) {
     HandleRankInfo(incoming.from, m->sender, /*is_request=*/true, nullptr);
   } else if (auto* m = std::get_if<transfer::RankInfoReply>(&*decoded)) {
@@ -907,6 +938,40 @@ void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incomin
   } else if (auto* m = std::get_if<transfer::StagingCredit>(&*decoded)) {
     HandleStagingCredit(incoming.from, *m);
   }
+}
+
+absl::Status Transceiver::Impl::CheckSenderInstance(
+    const transfer::ControlChannel::Incoming& incoming, const Message& message) {
+  // Security off: nothing is proven, and the protocol's own checks are all there is.
+  if (incoming.peer_instance.empty()) return absl::OkStatus();
+  const RankInfo* info = nullptr;
+  if (auto* m = std::get_if<transfer::RankInfoRequest>(&message)) info = &m->sender;
+  if (auto* m = std::get_if<transfer::RankInfoReply>(&message)) info = &m->sender;
+  if (info == nullptr) {
+    // Other messages name no instance: the one the sender's address was handshaken
+    // under must be the one it proved (unknown addresses are dropped downstream).
+    auto known = by_address.find(incoming.from);
+    if (known == by_address.end() || known->second.first == incoming.peer_instance) {
+      return absl::OkStatus();
+    }
+    return absl::PermissionDeniedError(absl::StrCat(
+        "message from the address of another instance: from=", incoming.from,
+        " proven=", incoming.peer_instance, " address_of=", known->second.first));
+  }
+  if (info->instance != incoming.peer_instance) {
+    // Refused without an answer: a peer cannot learn this rank's page table,
+    // addresses or grants under another instance's name.
+    return absl::PermissionDeniedError(
+        absl::StrCat("rank info claims another instance than its key proves: claimed=",
+                     info->instance, " proven=", incoming.peer_instance,
+                     " rank=", info->rank, " from=", incoming.from));
+  }
+  // Answers go to the address it gave, sealed for the instance it proved.
+  if (absl::Status tied = channel->SetPeerInstance(info->control_address, info->instance);
+      !tied.ok()) {
+    return absl::Status(tied.code(), absl::StrCat("rank info refused: ", tied.message()));
+  }
+  return absl::OkStatus();
 }
 
 void Transceiver::Impl::FinishHandshake(const std::string& address, absl::Status status) {

@@ -86,6 +86,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cache_reuse/adapter.h"
+#include "transfer/control_security.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/session.h"
@@ -103,6 +104,12 @@ struct TransceiverOptions {
   Role role = Role::kContext;
   // The control plane's ZeroMQ endpoint (port 0: any free one).
   std::string control_bind = "tcp://127.0.0.1:0";
+  // Who may talk to the control plane: off (default), or CURVE with this
+  // instance's keys and the allowlist of peer instances (transfer/CONTROL_PLANE.md;
+  // LoadCurveSecurity in transfer/curve_key_files.h reads a key directory). With
+  // CURVE a peer rank is accepted only under the instance name its key is tied to,
+  // and AddPeerInstance must name the instance it adds.
+  transfer::ControlSecurity control_security;
   // A request that names no timeout ends in kError (DeadlineExceeded) after this.
   absl::Duration default_request_timeout = absl::Seconds(60);
   // After a generation-side failure, how long senders get to report before they
@@ -256,9 +263,18 @@ class Transceiver {
   // grants), so the first request is not slow. Returns when every rank answered.
   // Errors: Unavailable naming the ranks that did not answer by `deadline`;
   // FailedPrecondition when a rank is incompatible (the field that differs) or has
-  // the same role as this one; InvalidArgument for an empty list.
+  // the same role as this one; InvalidArgument for an empty list, and with CURVE
+  // when no instance is named.
   ABSL_MUST_USE_RESULT absl::Status AddPeerInstance(
       absl::Span<const std::string> control_addresses, absl::Time deadline);
+  // The same, naming the instance listening at `control_addresses`: with CURVE the
+  // handshake goes out sealed for that instance's public key, so only it can read
+  // this rank's page table, addresses and grants (with security off the name is
+  // not used). Errors: as above; with CURVE also NotFound when `instance` is not in
+  // the allowlist, FailedPrecondition when an address is known as another instance.
+  ABSL_MUST_USE_RESULT absl::Status AddPeerInstance(
+      absl::string_view instance, absl::Span<const std::string> control_addresses,
+      absl::Time deadline);
 
   // Forgets a peer instance: its requests with this rank fail (Unavailable), its
   // ranks are fenced and disconnected. It may be added again (a restarted instance).

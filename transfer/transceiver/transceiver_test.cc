@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +23,7 @@
 #include "gtest/gtest.h"
 #include "testing/fake_cache_managers.h"
 #include "testing/status_matchers.h"
+#include "transfer/control_security.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/scenario.h"
@@ -32,6 +34,7 @@
 #include "transport/fault_injecting_transport.h"
 #include "transport/loopback/loopback_transport.h"
 #include "transport/transport.h"
+#include "zmq.hpp"
 
 namespace kvx::transceiver {
 namespace {
@@ -85,7 +88,8 @@ struct Rank {
 std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
                                const transfer::Topology& topology,
                                TransportFactory create_transport = nullptr,
-                               const TransceiverOptions::Staging* staging = nullptr) {
+                               const TransceiverOptions::Staging* staging = nullptr,
+                               const transfer::ControlSecurity& security = {}) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -117,6 +121,7 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   options.default_request_timeout = absl::Seconds(20);
   options.report_grace = absl::Milliseconds(500);
   if (staging != nullptr) options.staging = *staging;
+  options.control_security = security;
   absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
   EXPECT_OK(t.status());
   if (!t.ok()) return nullptr;
@@ -559,6 +564,151 @@ TEST_F(TransceiverTest, SidesAreTyped) {
               StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(generation_->transceiver->RespondAndSendAsync(ContextRequest{}),
               StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// --- CURVE (transfer/CONTROL_PLANE.md) ---------------------------------------------
+
+transfer::ControlSecurity Curve(const transfer::CurveKeyPair& keys,
+                                std::map<std::string, std::string> peers) {
+  transfer::ControlSecurity security;
+  security.mode = transfer::ControlSecurity::Mode::kCurve;
+  security.keys = keys;
+  security.peers = std::move(peers);
+  return security;
+}
+
+// "prefill" and "decode" allow each other; decode also allows "mallory", an
+// instance it knows, which will claim to be "prefill".
+class CurveTransceiverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    prefill_keys_ = transfer::GenerateCurveKeyPair().value();
+    decode_keys_ = transfer::GenerateCurveKeyPair().value();
+    mallory_keys_ = transfer::GenerateCurveKeyPair().value();
+    context_ = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+                        Curve(prefill_keys_, {{"decode", decode_keys_.public_key}}));
+    generation_ = MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+                           Curve(decode_keys_, {{"prefill", prefill_keys_.public_key},
+                                                {"mallory", mallory_keys_.public_key}}));
+    ASSERT_NE(context_, nullptr);
+    ASSERT_NE(generation_, nullptr);
+  }
+
+  // Decode asks prefill for 16 tokens into slots 10..13.
+  absl::Status Receive(uint64_t rid) {
+    generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11, 12, 13}});
+    GenerationRequest receive;
+    receive.unique_rid = rid;
+    receive.prompt_len = 16;
+    receive.context_instance = "prefill";
+    return generation_->transceiver->RequestAndReceiveAsync(receive);
+  }
+
+  // Prefill sends them from slots 0..3; decode must then hold every byte.
+  void ExpectSentAndReceived(uint64_t rid) {
+    context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+    Fill(*context_, rid, {0, 1, 2, 3});
+    ContextRequest send;
+    send.unique_rid = rid;
+    send.prompt_len = 16;
+    ASSERT_OK(context_->transceiver->RespondAndSendAsync(send));
+    std::vector<RequestStatus> done =
+        generation_->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation_, {10, 11, 12, 13}, *context_, {0, 1, 2, 3}));
+  }
+
+  void ExpectOneRequestMoves(uint64_t rid) {
+    ASSERT_OK(Receive(rid));
+    ExpectSentAndReceived(rid);
+  }
+
+  transfer::CurveKeyPair prefill_keys_, decode_keys_, mallory_keys_;
+  std::unique_ptr<Rank> context_;
+  std::unique_ptr<Rank> generation_;
+};
+
+TEST_F(CurveTransceiverTest, AllowedInstancesHandshakeAndMoveKV) {
+  const std::vector<std::string> prefill = {context_->transceiver->control_address()};
+  // The handshake must be sealed for a named instance's key.
+  EXPECT_THAT(generation_->transceiver->AddPeerInstance(prefill, In(absl::Seconds(10))),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(generation_->transceiver->AddPeerInstance("stranger", prefill,
+                                                        In(absl::Seconds(10))),
+              StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(generation_->transceiver->AddPeerInstance("prefill", prefill, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(31);
+  EXPECT_EQ(generation_->transceiver->metrics().bad_messages, 0);
+}
+
+TEST_F(CurveTransceiverTest, PeerClaimingAnotherInstanceLearnsNothing) {
+  // Mallory holds a key decode allows, but calls itself "prefill".
+  std::unique_ptr<Rank> mallory =
+      MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+               Curve(mallory_keys_, {{"decode", decode_keys_.public_key}}));
+  ASSERT_NE(mallory, nullptr);
+  const std::vector<std::string> decode = {generation_->transceiver->control_address()};
+  // Decode refuses its rank info without an answer: no page table, address or
+  // grant comes back, so the handshake can only run out of time.
+  EXPECT_THAT(mallory->transceiver->AddPeerInstance("decode", decode, In(absl::Seconds(2))),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(mallory->transceiver->metrics().handshakes, 0);
+  EXPECT_GE(generation_->transceiver->metrics().bad_messages, 1);
+  // Nor did decode take it for the real prefill.
+  EXPECT_THAT(Receive(32),
+              StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("not added")));
+  // The real one is still welcome.
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(33);
+}
+
+TEST_F(CurveTransceiverTest, InstanceOutsideTheAllowlistLearnsNothing) {
+  const transfer::CurveKeyPair outsider_keys = transfer::GenerateCurveKeyPair().value();
+  std::unique_ptr<Rank> outsider =
+      MakeRank("prefill-9", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+               Curve(outsider_keys, {{"decode", decode_keys_.public_key}}));
+  ASSERT_NE(outsider, nullptr);
+  EXPECT_THAT(outsider->transceiver->AddPeerInstance(
+                  "decode", {generation_->transceiver->control_address()}, In(absl::Seconds(2))),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(outsider->transceiver->metrics().handshakes, 0);
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(34);
+}
+
+TEST_F(CurveTransceiverTest, MessageFromAnotherInstancesAddressIsDropped) {
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  const uint64_t rid = 36;
+  ASSERT_OK(Receive(rid));
+  // Mallory, with its own allowed key, sends a cancel from prefill's address.
+  zmq::context_t context;
+  zmq::socket_t forger(context, zmq::socket_type::dealer);
+  forger.set(zmq::sockopt::linger, 0);
+  forger.set(zmq::sockopt::routing_id, context_->transceiver->control_address());
+  forger.set(zmq::sockopt::curve_serverkey, decode_keys_.public_key);
+  forger.set(zmq::sockopt::curve_publickey, mallory_keys_.public_key);
+  forger.set(zmq::sockopt::curve_secretkey, mallory_keys_.secret_key);
+  forger.connect(generation_->transceiver->control_address());
+  transfer::Cancel cancel;
+  cancel.unique_rid = rid;
+  cancel.sender_rank = 0;
+  cancel.from = Role::kContext;
+  cancel.reason = "forged";
+  const std::string bytes = transfer::EncodeMessage(cancel);
+  ASSERT_TRUE(forger.send(zmq::buffer(bytes), zmq::send_flags::none));
+  // Accepted, the cancel would end the request at once; refused, it is counted.
+  const absl::Time deadline = In(absl::Seconds(20));
+  while (generation_->transceiver->metrics().bad_messages < 1 && absl::Now() < deadline) {
+    ASSERT_THAT(generation_->transceiver->CheckGenTransferStatus(1, In(absl::Milliseconds(20))),
+                ::testing::IsEmpty());
+  }
+  ASSERT_EQ(generation_->transceiver->metrics().bad_messages, 1);
+  // The request goes on, from the real prefill.
+  ExpectSentAndReceived(rid);
 }
 
 }  // namespace
