@@ -133,6 +133,9 @@ class ControlChannel {
 
   // Drops the connection to `peer_address`, what is still queued for it, and its
   // tie to an instance; the next Send connects again. No-op for an unknown peer.
+  // libzmq closes the old socket in the background, so a message queued before
+  // may still reach a peer that comes up at that moment: the protocol treats such
+  // a late message as any other stray one.
   void Disconnect(absl::string_view peer_address);
 
   struct Incoming {

