@@ -142,7 +142,8 @@ RankPageTable ValidTable() {
   return table;
 }
 
-// The smallest valid table: one rank, no pools, no groups.
+// The smallest valid table: one rank, one layer in one group (every layer must be
+// in one), one pool of one slot holding its K and V of one byte each.
 RankPageTable MinimalTable() {
   RankPageTable table;
   table.tokens_per_block = 1;
@@ -150,6 +151,12 @@ RankPageTable MinimalTable() {
   table.element_bytes = 1;
   table.num_kv_heads = 1;
   table.topology = MakeTopology(1, {1});
+  table.pools = {Pool{0, 2, 1, PoolRole::kKVCache}};
+  AttentionGroup group;
+  group.kv_heads_per_rank = 1;
+  group.global_layer_ids = {0};
+  group.view = PoolView{0, {{0, 1}}};
+  table.attention_groups = {group};
   return table;
 }
 
@@ -793,33 +800,32 @@ TEST(Protocol, RejectsPageTablesThatFailValidation) {
 TEST(Protocol, BoundsTheRanksOfAValidTopology) {
   // Every field is valid and the head split works, but the instance has 3 x 2^62
   // ranks: a loop over them would never end, and pp_rank * tp_size overflows.
+  // ValidatePageTable (ValidateTopology) refuses it past kMaxInstanceRanks.
   RankInfoRequest request{ValidRankInfo()};
   RankPageTable& table = request.sender.page_table = MinimalTable();
   table.num_kv_heads = 4;
+  table.attention_groups[0].global_layer_ids = {2};
   table.topology =
       MakeTopology(int64_t{1} << 62, {1, 1, 1}, /*tp_rank=*/1, /*pp_rank=*/2);
-  ASSERT_THAT(ValidatePageTable(table), IsOk());
   request.sender.rank = 5;
+  EXPECT_THAT(DecodeMessage(EncodeMessage(request)),
+              StatusIs(kInvalid,
+                       "RankInfoRequest.sender.page_table: instance has too many "
+                       "ranks: tp_size=4611686018427387904 pp_size=3 max_ranks=65536"));
+  // Within kMaxInstanceRanks, DecodeLimits::max_ranks bounds the instance too.
+  table.topology = MakeTopology(4, {1, 1, 1}, /*tp_rank=*/1, /*pp_rank=*/2);
+  request.sender.rank = 9;
+  ASSERT_THAT(ValidatePageTable(table), IsOk());
   const std::string bytes = EncodeMessage(request);
-  EXPECT_THAT(DecodeMessage(bytes),
+  EXPECT_THAT(DecodeMessage(bytes), IsOk());
+  DecodeLimits limits;
+  limits.max_ranks = 11;
+  EXPECT_THAT(DecodeMessage(bytes, limits),
               StatusIs(kExhausted,
                        "RankInfoRequest.sender.page_table.topology: too many "
-                       "ranks: tp_size=4611686018427387904 pp_size=3 "
-                       "max_ranks=65536"));
-  // Even without a bound on ranks the product is refused, not overflowed.
-  DecodeLimits limits;
-  limits.max_ranks = std::numeric_limits<size_t>::max();
-  EXPECT_THAT(
-      DecodeMessage(bytes, limits),
-      StatusIs(kExhausted, HasSubstr("too many ranks: tp_size=4611686018427387904 "
-                                     "pp_size=3 max_ranks=18446744073709551615")));
-  // An instance of 2^62 ranks within the bound: the rank is checked exactly.
-  table.topology = MakeTopology(int64_t{1} << 62, {1}, /*tp_rank=*/1);
-  EXPECT_THAT(DecodeMessage(EncodeMessage(request), limits),
-              StatusIs(kInvalid,
-                       "RankInfoRequest.sender.rank: rank does not match its "
-                       "topology: rank=5 tp_size=4611686018427387904 tp_rank=1 "
-                       "pp_rank=0"));
+                       "ranks: tp_size=4 pp_size=3 max_ranks=11"));
+  limits.max_ranks = 12;
+  EXPECT_THAT(DecodeMessage(bytes, limits), IsOk());
 }
 
 TEST(Protocol, RejectsGrantsThatAreNotOnePerPool) {
