@@ -471,7 +471,9 @@ bool ReceiverSession::SenderDone(int64_t sender) const {
 }
 
 void ReceiverSession::Advance(std::vector<SessionAction>* out) {
-  if (IsFinal(state_) || state_ == SessionState::kInit) return;
+  if (IsFinal(state_)) return;
+  // A request that fails before Start (the transceiver finds no sender for it)
+  // expects no sender, so nothing can land: it ends at once, or it would never end.
   if (failing_) {
     for (int64_t sender : senders_) {
       if (!SenderDone(sender)) return;
@@ -479,6 +481,7 @@ void ReceiverSession::Advance(std::vector<SessionAction>* out) {
     state_ = cancelled_ ? SessionState::kCancelled : SessionState::kError;
     return;
   }
+  if (state_ == SessionState::kInit) return;  // Not started: nothing asked for yet.
   for (int64_t sender : senders_) {
     for (const ReceiverSlice& s : request_.slices) {
       auto report = reports_.find({s.slice_id, sender});

@@ -373,5 +373,35 @@ TEST(ReceiverSessionTest, FenceOfASenderThatDeliveredEverythingChangesNothing) {
   EXPECT_EQ(r.state(), SessionState::kError);
 }
 
+// Regression (issue 11, session_fuzzer): a request the transceiver fails before it
+// starts (no rank of the context instance overlaps this one) stayed in INIT for
+// ever, so the engine never saw it end.
+TEST(ReceiverSessionTest, FailureBeforeStartEndsTheRequest) {
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Fail(absl::UnavailableError("no rank of the context instance overlaps this one"), kT0,
+           &actions);
+    EXPECT_EQ(r.state(), SessionState::kError);
+    EXPECT_THAT(actions, IsEmpty());  // It expects no sender: nobody to tell.
+    EXPECT_EQ(r.next_deadline(), absl::InfiniteFuture());
+    r.Start({{0, 1}}, &actions);
+    EXPECT_THAT(actions, IsEmpty());
+  }
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Cancel("engine gave up", kT0, &actions);
+    EXPECT_EQ(r.state(), SessionState::kCancelled);
+  }
+  {
+    // Before Start and before its deadline, a timer changes nothing.
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.OnDeadline(kT0, &actions);
+    EXPECT_EQ(r.state(), SessionState::kInit);
+  }
+}
+
 }  // namespace
 }  // namespace kvx::transfer
