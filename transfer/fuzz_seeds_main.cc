@@ -1,8 +1,8 @@
 // Writes the generated seeds of the control-plane fuzzers (FUZZING.md): every file
-// named seed_* or hostile_* in transfer/protocol_fuzzer_corpus and
-// transfer/rank_info_fuzzer_corpus. Run it after changing the protocol (a new
-// version, a new field) and commit the result; //transfer:fuzz_seeds_test fails
-// until then.
+// named seed_* or hostile_* in transfer/protocol_fuzzer_corpus,
+// transfer/rank_info_fuzzer_corpus and transfer/session_fuzzer_corpus. Run it after
+// changing the protocol (a new version, a new field) or the session fuzzer's input
+// format, and commit the result; //transfer:fuzz_seeds_test fails until then.
 // Inputs added by hand (crashes found, named crash_*) are left alone.
 //
 //   bazel run //transfer:fuzz_seeds -- "$PWD/transfer"
@@ -11,17 +11,22 @@
 // standard layout of a few models and shardings, up to the largest instance a
 // peer may describe; request data with many groups; both outcomes of a result;
 // aux tokens; cancels), hostile bytes (huge declared lengths, deep nesting, maps,
-// extensions, truncation, trailing bytes, an unknown kind or version).
+// extensions, truncation, trailing bytes, an unknown kind or version), and session
+// scripts (transfer/internal/session_fuzz_ops.h) for the common paths: success,
+// reordering, duplication, cancels, failures, fences, deadlines, corrupted
+// packets, forged messages, engines that disagree.
 
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "transfer/internal/fuzz_models.h"
+#include "transfer/internal/session_fuzz_ops.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/slice.h"
@@ -30,6 +35,7 @@ namespace kvx::transfer {
 namespace {
 
 using transfer_internal::NamedTable;
+namespace ops = transfer_internal::session_fuzz;
 
 struct Seed {
   std::string name;
@@ -152,6 +158,160 @@ std::vector<Seed> RankInfoSeeds() {
   return seeds;
 }
 
+// A session fuzzer input (transfer/internal/session_fuzz_ops.h).
+class Script {
+ public:
+  struct World {
+    int senders = 1;
+    int receivers = 1;
+    int slices = 1;
+    std::vector<int> masks;  // per sender; empty: every sender overlaps every receiver
+    int sender_deadline_s = 60;
+    int receiver_deadline_s = 90;
+    std::vector<int> aux = {42};
+    int aux_slot = 0;  // 4: none
+  };
+
+  explicit Script(const World& w) {
+    Put({w.senders - 1, w.receivers - 1, w.slices - 1});
+    for (int s = 0; s < w.senders; ++s) Put({w.masks.empty() ? 0 : w.masks[s]});
+    Put({w.sender_deadline_s - 1, w.receiver_deadline_s - 1, static_cast<int>(w.aux.size())});
+    for (int token : w.aux) Put({token});
+    Put({w.aux_slot});
+  }
+
+  Script& Do(ops::Op op, std::initializer_list<int> operands) {
+    Put({op});
+    Put(operands);
+    return *this;
+  }
+  std::string bytes() const { return bytes_; }
+
+ private:
+  void Put(std::initializer_list<int> values) {
+    for (int v : values) bytes_.push_back(static_cast<char>(v));
+  }
+  std::string bytes_;
+};
+
+std::vector<Seed> SessionSeeds() {
+  std::vector<Seed> seeds;
+  auto world = [](int senders, int receivers, int slices, std::vector<int> masks = {}) {
+    Script::World w;
+    w.senders = senders;
+    w.receivers = receivers;
+    w.slices = slices;
+    w.masks = std::move(masks);
+    return w;
+  };
+  Script::World short_sender_deadline = world(1, 1, 1);
+  short_sender_deadline.sender_deadline_s = 10;
+  Script::World short_receiver_deadline = world(1, 1, 1);
+  short_receiver_deadline.receiver_deadline_s = 20;
+  auto add = [&](const std::string& name, const Script& script) {
+    seeds.push_back({"seed_" + name, script.bytes()});
+  };
+  // The whole request by hand: data, task, write, result, aux tokens.
+  add("one_to_one", Script(world(1, 1, 1))
+                        .Do(ops::kStartReceiver, {0})
+                        .Do(ops::kDeliver, {0})
+                        .Do(ops::kAddSlice, {0, 0, 0})
+                        .Do(ops::kEndTransfer, {0, 0, 0})
+                        .Do(ops::kDeliver, {0})
+                        .Do(ops::kDeliver, {0}));
+  // Only the world: the end of the input runs it to completion.
+  add("two_by_two_three_slices", Script(world(2, 2, 3)));
+  add("partial_overlap", Script(world(3, 2, 2, {1, 2, 3})));
+  // The task before the data, packets out of order and twice.
+  add("reordered_and_duplicated", Script(world(2, 2, 2))
+                                      .Do(ops::kAddSlice, {1, 1, 0})
+                                      .Do(ops::kStartReceiver, {1})
+                                      .Do(ops::kDuplicate, {2})
+                                      .Do(ops::kDeliver, {3})
+                                      .Do(ops::kStartReceiver, {0})
+                                      .Do(ops::kDeliver, {4})
+                                      .Do(ops::kDeliver, {1})
+                                      .Do(ops::kAddSlice, {0, 0, 0})
+                                      .Do(ops::kAddSlice, {0, 1, 0})
+                                      .Do(ops::kEndTransfer, {0, 1, 0})
+                                      .Do(ops::kDuplicate, {0}));
+  add("receiver_cancels_mid_write", Script(world(1, 1, 2))
+                                        .Do(ops::kStartReceiver, {0})
+                                        .Do(ops::kDeliver, {0})
+                                        .Do(ops::kAddSlice, {0, 0, 0})
+                                        .Do(ops::kCancelReceiver, {0})
+                                        .Do(ops::kDeliver, {1})
+                                        .Do(ops::kEndTransfer, {0, 0, 1})
+                                        .Do(ops::kDeliver, {0}));
+  add("sender_cancels", Script(world(2, 1, 1))
+                            .Do(ops::kStartReceiver, {0})
+                            .Do(ops::kCancelSender, {1})
+                            .Do(ops::kDeliver, {1}));
+  add("unsettled_failure_fences", Script(world(1, 1, 1))
+                                      .Do(ops::kStartReceiver, {0})
+                                      .Do(ops::kDeliver, {0})
+                                      .Do(ops::kAddSlice, {0, 0, 0})
+                                      .Do(ops::kEndTransfer, {0, 0, 2})
+                                      .Do(ops::kDeliver, {0}));
+  add("sender_deadline", Script(short_sender_deadline)
+                             .Do(ops::kAddSlice, {0, 0, 0})
+                             .Do(ops::kAdvanceTime, {30})
+                             .Do(ops::kDeadline, {0}));
+  add("receiver_deadline_and_grace", Script(short_receiver_deadline)
+                                         .Do(ops::kStartReceiver, {0})
+                                         .Do(ops::kDeliver, {0})
+                                         .Do(ops::kAddSlice, {0, 0, 0})
+                                         .Do(ops::kAdvanceTime, {30})
+                                         .Do(ops::kDeadline, {1})
+                                         .Do(ops::kAdvanceTime, {3})
+                                         .Do(ops::kDeadline, {1}));
+  add("truncated_request_data", Script(world(1, 1, 1))
+                                    .Do(ops::kStartReceiver, {0})
+                                    .Do(ops::kTruncate, {0, 9})
+                                    .Do(ops::kDeliver, {0}));
+  // Cut to nothing, then cut and flipped again (the fuzzer once divided by zero).
+  add("truncated_to_nothing", Script(world(1, 1, 1))
+                                  .Do(ops::kStartReceiver, {0})
+                                  .Do(ops::kTruncate, {0, 0})
+                                  .Do(ops::kTruncate, {0, 5})
+                                  .Do(ops::kFlipByte, {0, 0, 1})
+                                  .Do(ops::kDeliver, {0}));
+  add("unknown_version", Script(world(1, 1, 1))
+                             .Do(ops::kStartReceiver, {0})
+                             .Do(ops::kBadVersion, {0})
+                             .Do(ops::kDeliver, {0}));
+  add("flipped_byte", Script(world(1, 1, 1))
+                          .Do(ops::kStartReceiver, {0})
+                          .Do(ops::kFlipByte, {0, 4, 1})
+                          .Do(ops::kDeliver, {0}));
+  add("dropped_result", Script(world(1, 1, 1))
+                            .Do(ops::kStartReceiver, {0})
+                            .Do(ops::kDeliver, {0})
+                            .Do(ops::kAddSlice, {0, 0, 0})
+                            .Do(ops::kEndTransfer, {0, 0, 0})
+                            .Do(ops::kDrop, {0}));
+  // A stranger's request data (answered FAILED) and result (ignored); a forged
+  // result of a real sender.
+  add("forged_messages", Script(world(1, 1, 1))
+                             .Do(ops::kStartReceiver, {0})
+                             .Do(ops::kForge, {0, 1, 0, 0, 0, 1})
+                             .Do(ops::kForge, {1, 1, 0, 0, 0, 1})
+                             .Do(ops::kForge, {1, 0, 0, 0, 0, 3})
+                             .Do(ops::kDeliver, {1})
+                             .Do(ops::kDeliver, {1}));
+  // The context engine has one slice fewer than the generation side asks for.
+  add("engines_disagree_on_the_last_slice", Script(world(1, 1, 2))
+                                                .Do(ops::kStartReceiver, {0})
+                                                .Do(ops::kDeliver, {0})
+                                                .Do(ops::kDeliver, {0})
+                                                .Do(ops::kAddSlice, {0, 0, 3}));
+  add("spurious_transfer_end", Script(world(1, 1, 2))
+                                   .Do(ops::kSpuriousEnd, {0, 1, 0, 0})
+                                   .Do(ops::kSpuriousEnd, {0, 0, 0, 2}));
+  add("receiver_fails_before_start", Script(world(1, 1, 1)).Do(ops::kFailReceiver, {0}));
+  return seeds;
+}
+
 bool Write(const std::string& dir, const std::vector<Seed>& seeds) {
   for (const Seed& seed : seeds) {
     const std::string path = dir + "/" + seed.name;
@@ -177,6 +337,7 @@ int main(int argc, char** argv) {
   using namespace kvx::transfer;  // NOLINT: one function
   const std::string root = argv[1];
   const bool ok = Write(root + "/protocol_fuzzer_corpus", ProtocolSeeds()) &&
-                  Write(root + "/rank_info_fuzzer_corpus", RankInfoSeeds());
+                  Write(root + "/rank_info_fuzzer_corpus", RankInfoSeeds()) &&
+                  Write(root + "/session_fuzzer_corpus", SessionSeeds());
   return ok ? 0 : 1;
 }

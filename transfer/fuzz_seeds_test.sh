@@ -4,7 +4,7 @@
 # (//transfer:fuzz_seeds) writes now, and none is left over from an older one.
 set -euo pipefail
 out=$TEST_TMPDIR/seeds
-corpora="protocol_fuzzer_corpus rank_info_fuzzer_corpus"
+corpora="protocol_fuzzer_corpus rank_info_fuzzer_corpus session_fuzzer_corpus"
 for corpus in $corpora; do mkdir -p "$out/$corpus"; done
 "$1" "$out" >/dev/null
 status=0
