@@ -22,13 +22,15 @@
 //     SUCCESS only for delivered writes, a settled FAILED only when nothing of the
 //     pair can still land; aux tokens once per receiver, after its writes; and is
 //     final only with nothing in flight (invariant 1);
-//   - a receiver is final only when no expected sender can still write into its
-//     pages: each one fenced, or none of its writes to it in flight or failed
-//     unsettled (invariant 1); reports KV_TRANSFERRED only when every expected
-//     sender delivered every slice; and FULLY_TRANSFERRED with aux tokens a sender
-//     sent. (These hold for messages sessions wrote; once a forged or corrupted
-//     message that still decodes reached a session, a lying peer can break them,
-//     and only the session-local checks remain.)
+//   - a receiver is final only when each expected sender was fenced or sent a
+//     settled result for every slice (invariant 1, as the receiver knows it);
+//   - across sessions: a receiver is final only when no expected sender can in
+//     truth still write into its pages (each one fenced, or none of its writes in
+//     flight or failed unsettled); KV_TRANSFERRED only when every expected sender
+//     delivered every slice; FULLY_TRANSFERRED with aux tokens a sender sent.
+//     These hold while every message a session got is one a session wrote: once a
+//     forged or corrupted message that still decodes reached a session, a lying
+//     peer can break them, and only the checks above remain.
 // When the input ends, the engines give every slice, receivers start, the network
 // delivers everything and writes complete; if nothing abnormal happened, every
 // session must end FULLY_TRANSFERRED with the engine's aux tokens. Then time runs
@@ -136,6 +138,9 @@ struct Receiver {
   std::set<int64_t> senders;  // overlapping context ranks
   bool started = false;
   std::set<int64_t> fenced;
+  // The first result of each (slice, sender) that reached the session: the one it
+  // counts. True: SUCCESS or a settled FAILED.
+  std::map<PairKey, bool> first_result;
   Seen seen;
 };
 
@@ -401,6 +406,8 @@ void World::Deliver(const Packet& packet) {
     if (!r.started) return;  // no session for the request there yet: dropped
     if (const auto* result = std::get_if<SliceResult>(&*decoded)) {
       if (result->unique_rid != kRid || result->sender_rank != packet.from) return;
+      r.first_result.emplace(PairKey{result->slice_id, packet.from},
+                             result->outcome == SliceOutcome::kSuccess || result->settled);
       r.session.OnResult(*result, now_, &actions);
     } else if (const auto* aux = std::get_if<AuxTokens>(&*decoded)) {
       if (aux->unique_rid != kRid || aux->sender_rank != packet.from) return;
@@ -826,8 +833,24 @@ void World::CheckSender(Sender& s) {
 void World::CheckReceiver(Receiver& r) {
   CheckProgress(r.session.state(), r.session.error(), &r.seen,
                 absl::StrCat("receiver=", r.rank));
-  if (IsFinal(r.session.state()) && r.session.next_deadline() != absl::InfiniteFuture()) {
+  if (!IsFinal(r.session.state())) return;
+  if (r.session.next_deadline() != absl::InfiniteFuture()) {
     Broken(absl::StrCat("a final receiver still has a deadline: receiver=", r.rank));
+  }
+  // Invariant 1 as the receiver knows it, which holds whatever the peers said:
+  // every expected sender fenced, or settled for every slice. (One that ended
+  // before Start expects no sender.)
+  if (!r.started) return;
+  for (int64_t sender : r.senders) {
+    if (r.fenced.count(sender) > 0) continue;
+    for (int64_t k = 0; k < slices_; ++k) {
+      const auto first = r.first_result.find({k, sender});
+      if (first == r.first_result.end() || !first->second) {
+        Broken(absl::StrCat("final without a settled result or a fence (invariant 1): "
+                            "receiver=", r.rank, " sender=", sender, " slice=", k, " ",
+                            StateOf(r.session.state(), r.session.error())));
+      }
+    }
   }
 }
 
