@@ -20,8 +20,8 @@
 // the PP spans and the buffer offsets depend on each other), so with libFuzzer half
 // the mutations are structured instead (LLVMFuzzerCustomMutator): a fresh, valid
 // peer rank of one of the models, with one model size changed at times, under a
-// random sharding (any TP size, PP split and attention DP, up to the largest
-// instance), at a random rank.
+// random sharding (TP sizes up to the largest instance, mostly small ones; any PP
+// split; attention DP or not), at a random rank.
 //
 // No crash, no sanitizer report, and no input runs long: a peer of the largest
 // instance ValidateTopology admits (kMaxInstanceRanks ranks) is in the seeds, and

@@ -102,7 +102,7 @@ int Progress(SessionState state) {
   }
 }
 
-using PairKey = std::pair<int64_t, int64_t>;  // (slice, receiver) at a sender
+using PairKey = std::pair<int64_t, int64_t>;  // (slice, the peer rank)
 
 // A posted pair's writes, as the simulated transport sees them.
 enum class Write { kInFlight, kDelivered, kFailedSettled, kFailedUnsettled };
