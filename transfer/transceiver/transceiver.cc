@@ -207,7 +207,12 @@ struct Transceiver::Impl {
   struct PeerInstance {
     std::map<int64_t, PeerRank> ranks;
     transfer::Topology shape;  // of its first rank; all must agree
+    // This rank's receivers there, per DP rank of a request: a walk over every
+    // rank of the instance (up to 65536), done once per DP rank, not per request.
+    std::map<int64_t, absl::StatusOr<std::vector<int64_t>>> receivers_by_dp_rank;
   };
+  static constexpr size_t kMaxCachedDpRanks = 256;
+  absl::StatusOr<std::vector<int64_t>> ReceiversOf(PeerInstance& instance, int64_t dp_rank);
   std::map<std::string, PeerInstance> instances;
   std::map<std::string, std::pair<std::string, int64_t>> by_address;  // -> (instance, rank)
 
@@ -1178,6 +1183,31 @@ Transceiver::Impl::PeerRank* Transceiver::Impl::FindRank(const std::string& from
   return rank == instance->second.ranks.end() ? nullptr : &rank->second;
 }
 
+absl::StatusOr<std::vector<int64_t>> Transceiver::Impl::ReceiversOf(PeerInstance& instance,
+                                                                    int64_t dp_rank) {
+  auto cached = instance.receivers_by_dp_rank.find(dp_rank);
+  if (cached != instance.receivers_by_dp_rank.end()) return cached->second;
+  absl::StatusOr<std::vector<int64_t>> receivers = std::vector<int64_t>();
+  const int64_t ranks = instance.shape.tp_size * instance.shape.pp_size;
+  for (int64_t r = 0; r < ranks; ++r) {
+    transfer::Topology topology = instance.shape;
+    topology.tp_rank = r % topology.tp_size;
+    topology.pp_rank = r / topology.tp_size;
+    absl::StatusOr<transfer::RankLink> link =
+        transfer::LinkRanks(table.topology, topology, heads, self_dp_rank, dp_rank);
+    if (!link.ok()) {
+      receivers = link.status();
+      break;
+    }
+    if (link->overlaps) receivers->push_back(r);
+  }
+  // A peer naming ever new DP ranks gets answers, not an ever larger cache.
+  if (instance.receivers_by_dp_rank.size() < kMaxCachedDpRanks) {
+    instance.receivers_by_dp_rank.emplace(dp_rank, receivers);
+  }
+  return receivers;
+}
+
 void Transceiver::Impl::HandleRequestData(const std::string& from, const transfer::RequestData& data) {
   PeerRank* peer = self.role == Role::kContext ? FindRank(from, data.receiver_rank) : nullptr;
   if (peer == nullptr) {
@@ -1190,22 +1220,14 @@ void Transceiver::Impl::HandleRequestData(const std::string& from, const transfe
   std::vector<SessionAction> actions;
   if (e.instance.empty()) {
     e.instance = peer->info.instance;
-    std::vector<int64_t> receivers_of;
-    const PeerInstance& instance = instances[e.instance];
-    const int64_t ranks = instance.shape.tp_size * instance.shape.pp_size;
-    for (int64_t r = 0; r < ranks; ++r) {
-      transfer::Topology topology = instance.shape;
-      topology.tp_rank = r % topology.tp_size;
-      topology.pp_rank = r / topology.tp_size;
-      absl::StatusOr<transfer::RankLink> link =
-          transfer::LinkRanks(table.topology, topology, heads, self_dp_rank, data.dp_rank);
-      if (!link.ok()) {
-        e.session.Fail(link.status(), &actions);
-        break;
-      }
-      if (link->overlaps) receivers_of.push_back(r);
+    absl::StatusOr<std::vector<int64_t>> receivers_of =
+        ReceiversOf(instances[e.instance], data.dp_rank);
+    if (receivers_of.ok()) {
+      e.session.ExpectReceivers(*receivers_of);
+    } else {
+      e.session.Fail(receivers_of.status(), &actions);
+      e.session.ExpectReceivers({});
     }
-    e.session.ExpectReceivers(std::move(receivers_of));
   }
   if (e.instance != peer->info.instance) {
     // Another instance asks for a request this rank sends elsewhere: refuse it alone.
