@@ -52,6 +52,26 @@ absl::StatusOr<std::vector<int64_t>> CachedTokensPerGroup(
 absl::StatusOr<BuiltSlice> BuildSlice(const CacheReuseAdapter& adapter,
                                       const SliceRequest& request,
                                       absl::Span<const LayerGroupSpec> groups) {
+  BuiltSlice built;
+  if (absl::Status s = BuildSliceInto(adapter, request, groups, &built); !s.ok()) return s;
+  return built;
+}
+
+absl::StatusOr<int64_t> CacheReuseAdapter::BlockRangeInto(int64_t request_id, int layer_group,
+                                                          int64_t first, int64_t end,
+                                                          transfer::BlockList* out) const {
+  absl::StatusOr<BlockList> table = PositionalBlockTable(request_id, layer_group);
+  if (!table.ok()) return table.status();
+  const int64_t length = static_cast<int64_t>(table->size());
+  out->clear();
+  if (first < std::min(end, length)) {
+    out->assign(table->begin() + first, table->begin() + std::min(end, length));
+  }
+  return length;
+}
+
+absl::Status BuildSliceInto(const CacheReuseAdapter& adapter, const SliceRequest& request,
+                            absl::Span<const LayerGroupSpec> groups, BuiltSlice* out) {
   const int64_t tpb = request.tokens_per_block;
   if (tpb <= 0 || request.prompt_len < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -65,9 +85,11 @@ absl::StatusOr<BuiltSlice> BuildSlice(const CacheReuseAdapter& adapter,
         " prompt_len=", request.prompt_len));
   }
 
-  BuiltSlice built;
+  BuiltSlice& built = *out;
   transfer::KVSlice& slice = built.slice;
   slice.token_range = request.token_range;
+  slice.layer_range.reset();
+  slice.mamba_state_index.reset();
   if (!slice.token_range && request.prompt_len > 0) {
     slice.token_range = transfer::TokenRange::Create(0, request.prompt_len).value();
   }
@@ -92,22 +114,23 @@ absl::StatusOr<BuiltSlice> BuildSlice(const CacheReuseAdapter& adapter,
 
   const int64_t total = transfer::CeilDiv(end, tpb);
   slice.block_ids_per_layer_group.resize(groups.size());
+  for (transfer::BlockList& list : slice.block_ids_per_layer_group) list.clear();
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].kind == LayerGroupSpec::Kind::kMamba) continue;
     // cached_tokens already holds max(global, stale_end * tpb) for a window.
     const int64_t first = built.cached_tokens[g] / tpb;
     if (first >= total) continue;
 
-    absl::StatusOr<BlockList> table =
-        adapter.PositionalBlockTable(request.request_id, static_cast<int>(g));
-    if (!table.ok()) return WithContext(table.status(), request.request_id, g);
-    if (static_cast<int64_t>(table->size()) < total) {
+    BlockList& list = slice.block_ids_per_layer_group[g];
+    absl::StatusOr<int64_t> table_len =
+        adapter.BlockRangeInto(request.request_id, static_cast<int>(g), first, total, &list);
+    if (!table_len.ok()) return WithContext(table_len.status(), request.request_id, g);
+    if (*table_len < total) {
+      list.clear();
       return absl::FailedPreconditionError(absl::StrCat(
           "block table shorter than the slice needs: request=", request.request_id,
-          " group=", g, " table_len=", table->size(), " needed=", total, " tpb=", tpb));
+          " group=", g, " table_len=", *table_len, " needed=", total, " tpb=", tpb));
     }
-    BlockList& list = slice.block_ids_per_layer_group[g];
-    list.assign(table->begin() + first, table->begin() + total);
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i] < 0) {
         return absl::FailedPreconditionError(absl::StrCat(
@@ -116,7 +139,7 @@ absl::StatusOr<BuiltSlice> BuildSlice(const CacheReuseAdapter& adapter,
       }
     }
   }
-  return built;
+  return absl::OkStatus();
 }
 
 }  // namespace kvx::cache_reuse

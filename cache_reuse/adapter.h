@@ -79,6 +79,16 @@ class CacheReuseAdapter {
   virtual absl::StatusOr<transfer::BlockList> PositionalBlockTable(
       int64_t request_id, int layer_group) const = 0;
 
+  // Positions [first, end) of PositionalBlockTable(request_id, layer_group) into
+  // `*out` (replaced, its capacity kept), and the table's whole length: all that
+  // BuildSlice needs of a group. A table shorter than `end` gives what it has.
+  // The default calls PositionalBlockTable; V1Adapter and V2Adapter copy only the
+  // range (planning a long prompt is dominated by copies, not by the math).
+  // REQUIRES: 0 <= first <= end.
+  virtual absl::StatusOr<int64_t> BlockRangeInto(int64_t request_id, int layer_group,
+                                                 int64_t first, int64_t end,
+                                                 transfer::BlockList* out) const;
+
   // Called on the generation side once the whole prompt has arrived: hands the
   // received blocks to the cache for reuse (V1: store for reuse; V2: commit if the
   // request has a cache). A no-op when reuse is disabled.
@@ -126,6 +136,14 @@ struct BuiltSlice {
 ABSL_MUST_USE_RESULT absl::StatusOr<BuiltSlice> BuildSlice(
     const CacheReuseAdapter& adapter, const SliceRequest& request,
     absl::Span<const LayerGroupSpec> groups);
+
+// BuildSlice into `*out`, keeping the capacity of its lists, so that a caller that
+// builds slice after slice with recycled BuiltSlices allocates nothing for them once
+// warm. On error `*out` holds partial results.
+ABSL_MUST_USE_RESULT absl::Status BuildSliceInto(const CacheReuseAdapter& adapter,
+                                                 const SliceRequest& request,
+                                                 absl::Span<const LayerGroupSpec> groups,
+                                                 BuiltSlice* out);
 
 }  // namespace kvx::cache_reuse
 

@@ -1,5 +1,6 @@
 #include "cache_reuse/v1_adapter.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -25,6 +26,19 @@ absl::StatusOr<int64_t> V1Adapter::GlobalCachedTokens(int64_t request_id,
 absl::StatusOr<transfer::BlockList> V1Adapter::PositionalBlockTable(int64_t request_id,
                                                                     int layer_group) const {
   return manager_->BlockTable(request_id, layer_group);
+}
+
+absl::StatusOr<int64_t> V1Adapter::BlockRangeInto(int64_t request_id, int layer_group,
+                                                  int64_t first, int64_t end,
+                                                  transfer::BlockList* out) const {
+  absl::StatusOr<transfer::BlockList> table = manager_->BlockTable(request_id, layer_group);
+  if (!table.ok()) return table.status();
+  const int64_t length = static_cast<int64_t>(table->size());
+  out->clear();
+  if (first < std::min(end, length)) {
+    out->assign(table->begin() + first, table->begin() + std::min(end, length));
+  }
+  return length;
 }
 
 absl::Status V1Adapter::CommitReceivedBlocks(int64_t request_id) {

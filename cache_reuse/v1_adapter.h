@@ -53,6 +53,8 @@ class V1Adapter final : public CacheReuseAdapter {
   absl::StatusOr<transfer::BlockList> PositionalBlockTable(
       int64_t request_id, int layer_group) const override;
   // StoreBlocksForReuse when reuse is enabled.
+  absl::StatusOr<int64_t> BlockRangeInto(int64_t request_id, int layer_group, int64_t first,
+                                         int64_t end, transfer::BlockList* out) const override;
   absl::Status CommitReceivedBlocks(int64_t request_id) override;
 
  private:

@@ -49,6 +49,29 @@ absl::StatusOr<transfer::BlockList> V2Adapter::PositionalBlockTable(int64_t requ
   return table;
 }
 
+absl::StatusOr<int64_t> V2Adapter::BlockRangeInto(int64_t request_id, int layer_group,
+                                                  int64_t first, int64_t end,
+                                                  transfer::BlockList* out) const {
+  absl::StatusOr<ValidPages> valid = manager_->Pages(request_id, layer_group);
+  if (!valid.ok()) return valid.status();
+  const int64_t dropped = valid->num_dropped_leading;
+  if (dropped < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dropped page count must not be negative: request=", request_id,
+        " group=", layer_group, " num_dropped_leading=", dropped));
+  }
+  const int64_t length = dropped + static_cast<int64_t>(valid->pages.size());
+  out->clear();
+  const int64_t stop = std::min(end, length);
+  for (int64_t b = first; b < std::min(stop, dropped); ++b) out->push_back(kEvictedBlock);
+  const int64_t from = std::max(first, dropped);
+  if (from < stop) {
+    out->insert(out->end(), valid->pages.begin() + (from - dropped),
+                valid->pages.begin() + (stop - dropped));
+  }
+  return length;
+}
+
 absl::Status V2Adapter::CommitReceivedBlocks(int64_t request_id) {
   if (!options_.enabled || !manager_->HasCache(request_id)) return absl::OkStatus();
   return manager_->Commit(request_id);

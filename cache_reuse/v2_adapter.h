@@ -72,6 +72,8 @@ class V2Adapter final : public CacheReuseAdapter {
   absl::StatusOr<transfer::BlockList> PositionalBlockTable(
       int64_t request_id, int layer_group) const override;
   // Commit when reuse is enabled and the request has a cache.
+  absl::StatusOr<int64_t> BlockRangeInto(int64_t request_id, int layer_group, int64_t first,
+                                         int64_t end, transfer::BlockList* out) const override;
   absl::Status CommitReceivedBlocks(int64_t request_id) override;
 
  private:

@@ -58,6 +58,29 @@ DeviceBuffer::~DeviceBuffer() {
   if (data_ != nullptr) Cuda::Free(data_);
 }
 
+absl::StatusOr<PinnedHostBuffer> PinnedHostBuffer::Create(uint64_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("pinned host buffer of 0 bytes");
+  absl::StatusOr<void*> data = Cuda::MallocPinned(bytes);
+  if (!data.ok()) return data.status();
+  return PinnedHostBuffer(*data, bytes);
+}
+
+PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) Cuda::FreePinned(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (data_ != nullptr) Cuda::FreePinned(data_);
+}
+
 absl::Status DeviceBuffer::CopyFromHost(uint64_t offset, absl::Span<const unsigned char> host) {
   absl::Status status = CheckRange("copy from host", offset, host.size(), bytes_);
   if (!status.ok()) return status;

@@ -1,8 +1,8 @@
 // File: kernels/device.h
 //
 // The little of the CUDA runtime that kvx code outside the kernels needs, without
-// naming a CUDA type: how many devices there are, device memory that frees
-// itself, an asynchronous copy (the cudaMemcpy the kernels are measured against)
+// naming a CUDA type: how many devices there are, device memory and pinned host
+// memory that free themselves, an asynchronous copy (the cudaMemcpy the kernels are measured against)
 // and a timer made of two CUDA events (for benchmarks that time device work).
 // Built without the CUDA toolkit, every call returns Unimplemented.
 //
@@ -58,6 +58,27 @@ class DeviceBuffer {
  private:
   DeviceBuffer(void* data, uint64_t bytes) : data_(data), bytes_(bytes) {}
 
+  void* data_ = nullptr;
+  uint64_t bytes_ = 0;
+};
+
+// `bytes` bytes of page-locked host memory mapped for the device (cudaHostAlloc),
+// freed on destruction: a staging buffer that kernels write and a NIC reads (or the
+// reverse) when device memory itself cannot be registered. Move-only.
+class PinnedHostBuffer {
+ public:
+  // Errors: InvalidArgument for 0 bytes; Unimplemented without the toolkit; the
+  // CUDA error otherwise.
+  ABSL_MUST_USE_RESULT static absl::StatusOr<PinnedHostBuffer> Create(uint64_t bytes);
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
+  ~PinnedHostBuffer();
+
+  void* data() const { return data_; }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  PinnedHostBuffer(void* data, uint64_t bytes) : data_(data), bytes_(bytes) {}
   void* data_ = nullptr;
   uint64_t bytes_ = 0;
 };

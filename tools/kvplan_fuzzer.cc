@@ -9,8 +9,9 @@
 // the time and memory of one run. A broken contract aborts with the reason.
 //
 //   bazel build --config=fuzz //tools:kvplan_fuzzer
-//   bazel-bin/tools/kvplan_fuzzer -dict=tools/kvplan_fuzzer.dict -timeout=5 \
+//   bazel-bin/tools/kvplan_fuzzer -dict=tools/kvplan_fuzzer.dict -timeout=5
 //       -rss_limit_mb=1024 -max_total_time=60 /tmp/corpus tools/kvplan_fuzzer_corpus
+//   (one command line)
 //
 // Seeds (tools/kvplan_fuzzer_corpus): the two examples and a minimal input per
 // command, each "<command>\n<json>".

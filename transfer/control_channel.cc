@@ -1,6 +1,7 @@
 #include "transfer/control_channel.h"
 
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,10 +25,14 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "transfer/control_security.h"
+#include "transfer/internal/curve_authenticator.h"
 #include "zmq.hpp"
 
 namespace kvx::transfer {
 namespace {
+
+using transfer_internal::CurveAuthenticator;
 
 // A peer that is not up yet, or restarting, is retried soon, then less often.
 constexpr int kReconnectIntervalMs = 10;
@@ -35,6 +40,12 @@ constexpr int kReconnectIntervalMaxMs = 1000;
 // ZeroMQ routing ids, which carry this channel's address to its peers, are at most
 // 255 bytes.
 constexpr size_t kMaxRoutingIdBytes = 255;
+// With CURVE a routing id is the address, a NUL, and this many random bytes, fresh
+// for each peer socket (and kept across its reconnects). The ROUTER hands a routing
+// id over to the newest connection that presents it (router_handover, below), so
+// an id anyone knows could be taken over by any allowlisted peer, cutting its owner
+// off; under CURVE the id travels encrypted and only the two ends ever see it.
+constexpr size_t kRoutingNonceBytes = 16;
 
 constexpr absl::string_view kTcpScheme = "tcp://";
 
@@ -106,28 +117,35 @@ absl::Status CheckOptions(const ControlChannelOptions& o) {
         absl::FormatDuration(o.send_timeout), " linger=", absl::FormatDuration(o.linger),
         " max_messages_per_poll=", o.max_messages_per_poll));
   }
+  if (absl::Status s = ValidateControlSecurity(o.security); !s.ok()) return s;
   return CheckAddress(o.bind_address, /*bind=*/true);
 }
 
 }  // namespace
 
 struct ControlChannel::Impl {
-  explicit Impl(const ControlChannelOptions& o) : options(o) {}
+  explicit Impl(const ControlChannelOptions& o)
+      : options(o), curve(o.security.mode == ControlSecurity::Mode::kCurve) {}
   ~Impl() {
-    // Sockets close (members, in reverse order) before the context terminates.
+    // Sockets close (members, in reverse order) before the context terminates; the
+    // ROUTER before its authenticator, so that no handshake finds it gone.
     if (wake_fd >= 0) close(wake_fd);
   }
 
   // Constant after Create.
   const ControlChannelOptions options;
+  const bool curve;
   zmq::context_t context;
   std::string address;
   int wake_fd = -1;
+  std::unique_ptr<CurveAuthenticator> authenticator;  // with CURVE only
   zmq::socket_t router;
 
   // Owner thread only. One DEALER per peer address, whose routing id is `address`
   // so that the peer's ROUTER sees who sent each message.
   absl::flat_hash_map<std::string, zmq::socket_t> peers;
+  // With CURVE: peer address -> the allowlisted instance listening there.
+  absl::flat_hash_map<std::string, std::string> instance_at;
 
   absl::StatusOr<zmq::socket_t*> Peer(absl::string_view peer_address);
   // Receives what has arrived without waiting, at most `budget` messages; returns
@@ -140,9 +158,35 @@ absl::StatusOr<zmq::socket_t*> ControlChannel::Impl::Peer(
     absl::string_view peer_address) {
   if (auto it = peers.find(peer_address); it != peers.end()) return &it->second;
   if (absl::Status s = CheckAddress(peer_address, /*bind=*/false); !s.ok()) return s;
+  const std::string* server_key = nullptr;
+  if (curve) {
+    auto tied = instance_at.find(peer_address);
+    if (tied == instance_at.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no peer instance tied to the control address (SetPeerInstance): address=",
+          peer_address));
+    }
+    server_key = &options.security.peers.at(tied->second);
+  }
   try {
     zmq::socket_t dealer(context, zmq::socket_type::dealer);
-    dealer.set(zmq::sockopt::routing_id, address);
+    if (server_key != nullptr) {
+      // A CURVE client that accepts only the server holding the secret key of
+      // `server_key`, and proves this rank's own key to it.
+      dealer.set(zmq::sockopt::curve_serverkey, *server_key);
+      dealer.set(zmq::sockopt::curve_publickey, options.security.keys.public_key);
+      dealer.set(zmq::sockopt::curve_secretkey, options.security.keys.secret_key);
+    }
+    std::string routing_id = address;
+    if (curve) {
+      char nonce[kRoutingNonceBytes];
+      if (getrandom(nonce, sizeof(nonce), 0) != static_cast<ssize_t>(sizeof(nonce))) {
+        return absl::InternalError(absl::StrCat("getrandom failed: errno=", errno,
+                                                " error=", std::strerror(errno)));
+      }
+      routing_id.append(1, '\0').append(nonce, sizeof(nonce));
+    }
+    dealer.set(zmq::sockopt::routing_id, routing_id);
     dealer.set(zmq::sockopt::sndhwm, options.send_high_water_mark);
     dealer.set(zmq::sockopt::sndtimeo,
                static_cast<int>(ToMilliseconds(options.send_timeout)));
@@ -180,7 +224,17 @@ absl::StatusOr<size_t> ControlChannel::Impl::Drain(size_t budget,
         more = router.recv(extra, zmq::recv_flags::dontwait) && extra.more();
       }
       if (!single_frame) continue;
-      out->push_back(Incoming{from.to_string(), body.to_string()});
+      std::string sender = from.to_string();
+      std::string peer_instance;
+      if (curve) {
+        // Set by the authenticator from the key the sender proved; a message
+        // without it did not pass authentication (it cannot happen): drop it.
+        const char* user_id = zmq_msg_gets(body.handle(), "User-Id");
+        if (user_id == nullptr || *user_id == '\0') continue;
+        peer_instance = user_id;
+        sender.resize(std::min(sender.size(), sender.find('\0')));  // drop the nonce
+      }
+      out->push_back(Incoming{std::move(sender), body.to_string(), std::move(peer_instance)});
       ++appended;
     }
   } catch (const zmq::error_t& e) {
@@ -220,6 +274,15 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> ControlChannel::Create(
     return ZmqStatus(absl::StatusCode::kInternal, "cannot create control socket",
                      options.bind_address, e);
   }
+  if (impl->curve) {
+    // Before the bind: a connection accepted before the handler listens would not
+    // be authenticated.
+    absl::StatusOr<std::unique_ptr<CurveAuthenticator>> authenticator =
+        CurveAuthenticator::Create(impl->context, impl->router, options.security,
+                                   options.log);
+    if (!authenticator.ok()) return authenticator.status();
+    impl->authenticator = *std::move(authenticator);
+  }
   try {
     impl->router.bind(options.bind_address);
     impl->address = impl->router.get(zmq::sockopt::last_endpoint);
@@ -227,11 +290,14 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> ControlChannel::Create(
     return ZmqStatus(EndpointErrorCode(e, absl::StatusCode::kUnavailable),
                      "cannot bind control socket", options.bind_address, e);
   }
-  if (impl->address.size() > kMaxRoutingIdBytes) {
+  const size_t max_address_bytes =
+      kMaxRoutingIdBytes - (impl->curve ? 1 + kRoutingNonceBytes : 0);
+  if (impl->address.size() > max_address_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("control address too long for a routing id: address=", impl->address,
-                     " bytes=", impl->address.size(), " max=", kMaxRoutingIdBytes));
+                     " bytes=", impl->address.size(), " max=", max_address_bytes));
   }
+  if (impl->authenticator != nullptr) impl->authenticator->Start(impl->address);
   return std::unique_ptr<ControlChannel>(new ControlChannel(std::move(impl)));
 }
 
@@ -259,7 +325,27 @@ absl::Status ControlChannel::Send(absl::string_view peer_address,
   return absl::OkStatus();
 }
 
+absl::Status ControlChannel::SetPeerInstance(absl::string_view peer_address,
+                                             absl::string_view instance) {
+  if (absl::Status s = CheckAddress(peer_address, /*bind=*/false); !s.ok()) return s;
+  if (!impl_->curve) return absl::OkStatus();
+  if (impl_->options.security.peers.count(std::string(instance)) == 0) {
+    return absl::NotFoundError(absl::StrCat("peer instance not in the curve allowlist: instance=",
+                                            instance, " address=", peer_address));
+  }
+  auto [it, inserted] = impl_->instance_at.try_emplace(peer_address, instance);
+  if (!inserted && it->second != instance) {
+    // Not re-tied on a later word: a peer that claims another's address must not
+    // cut that instance off (its connection and queue stay as they are).
+    return absl::FailedPreconditionError(absl::StrCat(
+        "control address is tied to another instance (Disconnect it first): address=",
+        peer_address, " instance=", instance, " tied_to=", it->second));
+  }
+  return absl::OkStatus();
+}
+
 void ControlChannel::Disconnect(absl::string_view peer_address) {
+  impl_->instance_at.erase(peer_address);
   auto it = impl_->peers.find(peer_address);
   if (it == impl_->peers.end()) return;
   try {
@@ -293,6 +379,12 @@ absl::Status ControlChannel::Poll(absl::Time deadline, std::vector<Incoming>* ou
       return impl_->Drain(budget, out).status();
     }
   }
+}
+
+ControlChannel::SecurityStats ControlChannel::security_stats() const {
+  if (impl_->authenticator == nullptr) return {};
+  const CurveAuthenticator::Stats stats = impl_->authenticator->stats();
+  return SecurityStats{stats.refused_connections, stats.refused_keys};
 }
 
 void ControlChannel::Wake() {

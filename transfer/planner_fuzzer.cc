@@ -33,6 +33,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "testing/fuzz_bytes.h"
 #include "testing/kv_oracle.h"
 #include "transfer/fragments.h"
 #include "transfer/scenario.h"
@@ -42,30 +43,7 @@
 namespace kvx::transfer {
 namespace {
 
-// Choices drawn from the fuzz input; zeros once it is used up.
-class FuzzBytes {
- public:
-  FuzzBytes(const uint8_t* data, size_t size) : data_(data), size_(size) {}
-
-  // An integer in [lo, hi].
-  int64_t Int(int64_t lo, int64_t hi) {
-    const uint64_t range = static_cast<uint64_t>(hi - lo);
-    uint64_t value = 0;
-    for (uint64_t left = range; left > 0 && pos_ < size_; left >>= 8) {
-      value = (value << 8) | data_[pos_++];
-    }
-    return lo + static_cast<int64_t>(value % (range + 1));
-  }
-  bool OneIn(int64_t n) { return Int(0, n - 1) == 0; }
-  int64_t Pick(std::initializer_list<int64_t> choices) {
-    return choices.begin()[Int(0, static_cast<int64_t>(choices.size()) - 1)];
-  }
-
- private:
-  const uint8_t* const data_;
-  const size_t size_;
-  size_t pos_ = 0;
-};
+using ::kvx::testing::FuzzBytes;
 
 [[noreturn]] void Broken(const std::string& what) {
   std::fprintf(stderr, "planner property broken: %s\n", what.c_str());

@@ -36,7 +36,9 @@ static_assert(std::is_same_v<std::variant_alternative_t<2, Message>, RequestData
 static_assert(std::is_same_v<std::variant_alternative_t<3, Message>, SliceResult>);
 static_assert(std::is_same_v<std::variant_alternative_t<4, Message>, AuxTokens>);
 static_assert(std::is_same_v<std::variant_alternative_t<5, Message>, Cancel>);
-static_assert(std::variant_size_v<Message> == 6);
+static_assert(std::is_same_v<std::variant_alternative_t<6, Message>, StagedChunk>);
+static_assert(std::is_same_v<std::variant_alternative_t<7, Message>, StagingCredit>);
+static_assert(std::variant_size_v<Message> == 8);
 
 // Fixed limits of the format (PROTOCOL.md); DecodeLimits holds the tunable ones.
 constexpr size_t kMaxNameBytes = 256;  // RankInfo::instance and control_address
@@ -49,8 +51,8 @@ constexpr size_t kMaxDepth = 8;
 // count is each record's array length on the wire: encoder and decoder both use it.
 using Fields = absl::Span<const char* const>;
 constexpr const char* kRankInfoRequestFields[] = {"kind", "version", "sender"};
-constexpr const char* kRankInfoReplyFields[] = {"kind", "version", "sender",
-                                                "grant_epoch", "grants"};
+constexpr const char* kRankInfoReplyFields[] = {"kind",        "version", "sender",
+                                                "grant_epoch", "grants",  "staging"};
 constexpr const char* kRequestDataFields[] = {"kind",
                                               "version",
                                               "unique_rid",
@@ -73,6 +75,12 @@ constexpr const char* kAuxTokensFields[] = {"kind",        "version",  "unique_r
                                             "sender_rank", "aux_slot", "tokens"};
 constexpr const char* kCancelFields[] = {"kind",        "version", "unique_rid",
                                          "sender_rank", "from",    "reason"};
+constexpr const char* kStagedChunkFields[] = {"kind",        "version", "unique_rid",
+                                              "slice_id",    "sender_rank", "slot",
+                                              "fragments"};
+constexpr const char* kStagingCreditFields[] = {"kind", "version", "receiver_rank", "slot"};
+constexpr const char* kStagingGrantFields[] = {"region", "slot_bytes", "slots"};
+constexpr const char* kStagedFragmentFields[] = {"pool", "offset", "bytes"};
 constexpr const char* kRankInfoFields[] = {
     "instance", "role", "rank", "control_address", "transport_address", "page_table"};
 constexpr const char* kPoolGrantFields[] = {"address", "length", "key"};
@@ -92,6 +100,7 @@ constexpr size_t kMaxRecordFields =
     std::max({std::size(kRankInfoRequestFields), std::size(kRankInfoReplyFields),
               std::size(kRequestDataFields), std::size(kSliceResultFields),
               std::size(kAuxTokensFields), std::size(kCancelFields),
+              std::size(kStagedChunkFields), std::size(kStagingCreditFields),
               std::size(kRankInfoFields), std::size(kPageTableFields)});
 
 // PoolRole has no wire values of its own; these are.
@@ -244,16 +253,26 @@ void Pack(Packer& p, const Message& m, const RankInfoRequest& r) {
   PackRankInfo(p, r.sender);
 }
 
+void PackPoolGrant(Packer& p, const PoolGrant& grant) {
+  PackRecordHeader(p, kPoolGrantFields);
+  p.pack_uint64(grant.address);
+  p.pack_uint64(grant.length);
+  p.pack_uint64(grant.key);
+}
+
 void Pack(Packer& p, const Message& m, const RankInfoReply& r) {
   PackMessageHeader(p, m, kRankInfoReplyFields);
   PackRankInfo(p, r.sender);
   p.pack_uint64(r.grant_epoch);
   p.pack_array(static_cast<uint32_t>(r.grants.size()));
-  for (const PoolGrant& grant : r.grants) {
-    PackRecordHeader(p, kPoolGrantFields);
-    p.pack_uint64(grant.address);
-    p.pack_uint64(grant.length);
-    p.pack_uint64(grant.key);
+  for (const PoolGrant& grant : r.grants) PackPoolGrant(p, grant);
+  if (r.staging.has_value()) {
+    PackRecordHeader(p, kStagingGrantFields);
+    PackPoolGrant(p, r.staging->region);
+    p.pack_uint64(r.staging->slot_bytes);
+    p.pack_uint32(r.staging->slots);
+  } else {
+    p.pack_nil();
   }
 }
 
@@ -303,6 +322,27 @@ void Pack(Packer& p, const Message& m, const Cancel& r) {
   p.pack_int64(r.sender_rank);
   p.pack_uint8(static_cast<uint8_t>(r.from));
   PackReason(p, r.reason);
+}
+
+void Pack(Packer& p, const Message& m, const StagedChunk& r) {
+  PackMessageHeader(p, m, kStagedChunkFields);
+  p.pack_uint64(r.unique_rid);
+  p.pack_int64(r.slice_id);
+  p.pack_int64(r.sender_rank);
+  p.pack_uint32(r.slot);
+  p.pack_array(static_cast<uint32_t>(r.fragments.size()));
+  for (const StagedFragment& f : r.fragments) {
+    PackRecordHeader(p, kStagedFragmentFields);
+    p.pack_int64(f.pool);
+    p.pack_uint64(f.offset);
+    p.pack_uint64(f.bytes);
+  }
+}
+
+void Pack(Packer& p, const Message& m, const StagingCredit& r) {
+  PackMessageHeader(p, m, kStagingCreditFields);
+  p.pack_int64(r.receiver_rank);
+  p.pack_uint32(r.slot);
 }
 
 // ---------------------------------------------------------------------------
@@ -690,16 +730,27 @@ void ReadRankInfo(Decoder* d, const Value& v, RankInfo* info) {
   ReadPageTable(d, page_table, &info->page_table);
   if (!d->ok()) return;
 
+  // Whoever pairs ranks loops over every rank of the peer's instance
+  // (ComputePeerOverlap): bound the instance first, by the decoder's own limit (the
+  // page table's validation has a fixed one too).
+  const Topology& t = info->page_table.topology;
+  const size_t max_ranks = d->limits().max_ranks;
+  int64_t ranks = 0;
+  if (__builtin_mul_overflow(t.tp_size, t.pp_size, &ranks) ||
+      static_cast<uint64_t>(ranks) > max_ranks) {
+    const Path topology{&page_table.path, "topology"};
+    d->Fail(absl::StatusCode::kResourceExhausted, topology,
+            absl::StrCat("too many ranks: tp_size=", t.tp_size, " pp_size=", t.pp_size,
+                         " max_ranks=", max_ranks));
+    return;
+  }
   if (absl::Status s = ValidatePageTable(info->page_table); !s.ok()) {
     d->Fail(s.code(), page_table.path, s.message());
     return;
   }
-  // Valid topology: 0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size, but their
-  // product may still overflow for a hostile tp_size.
-  const Topology& t = info->page_table.topology;
-  int64_t expected = 0;
-  if (__builtin_mul_overflow(t.pp_rank, t.tp_size, &expected) ||
-      __builtin_add_overflow(expected, t.tp_rank, &expected) || expected != info->rank) {
+
+  // pp_rank * tp_size + tp_rank < ranks: no overflow.
+  if (t.pp_rank * t.tp_size + t.tp_rank != info->rank) {
     d->Invalid(rank.path, absl::StrCat("rank does not match its topology: rank=",
                                        info->rank, " tp_size=", t.tp_size,
                                        " tp_rank=", t.tp_rank, " pp_rank=", t.pp_rank));
@@ -729,6 +780,57 @@ void Read(Decoder* d, Record& r, RankInfoReply* m) {
     d->Invalid(grants.path, absl::StrCat("one grant per pool or none: grants=",
                                          m->grants.size(), " pools=", num_pools));
   }
+  const Value staging = r.Next();
+  if (staging.object == nullptr || !d->ok() || staging.object->type == msgpack::type::NIL) {
+    return;
+  }
+  Record s(d, staging, kStagingGrantFields);
+  StagingGrant grant;
+  ReadPoolGrant(d, s.Next(), &grant.region);
+  ReadUint64(d, s.Next(), &grant.slot_bytes);
+  const Value slots = s.Next();
+  uint64_t count = 0;
+  ReadUint64(d, slots, &count);
+  if (d->ok() && (count == 0 || count > UINT32_MAX || grant.slot_bytes == 0 ||
+                  grant.slot_bytes > grant.region.length / count)) {
+    d->Invalid(staging.path, absl::StrCat("staging slots do not fit the region: slots=",
+                                          count, " slot_bytes=", grant.slot_bytes,
+                                          " length=", grant.region.length));
+  }
+  grant.slots = static_cast<uint32_t>(count);
+  if (d->ok()) m->staging = grant;
+}
+
+// A uint32 slot index.
+void ReadSlot(Decoder* d, const Value& v, uint32_t* out) {
+  uint64_t value = 0;
+  ReadUint64(d, v, &value);
+  if (d->ok() && value > UINT32_MAX) {
+    d->Invalid(v.path, absl::StrCat("slot out of range: value=", value));
+    return;
+  }
+  *out = static_cast<uint32_t>(value);
+}
+
+void Read(Decoder* d, Record& r, StagedChunk* m) {
+  ReadUint64(d, r.Next(), &m->unique_rid);
+  ReadId(d, r.Next(), "slice id", &m->slice_id);
+  ReadId(d, r.Next(), "rank", &m->sender_rank);
+  ReadSlot(d, r.Next(), &m->slot);
+  Budget fragments{d->limits().max_staged_fragments, "max_staged_fragments", "fragments"};
+  ReadList(d, r.Next(), &fragments, &m->fragments, [d](const Value& x, StagedFragment* f) {
+    Record fr(d, x, kStagedFragmentFields);
+    ReadId(d, fr.Next(), "pool", &f->pool);
+    ReadUint64(d, fr.Next(), &f->offset);
+    const Value bytes = fr.Next();
+    ReadUint64(d, bytes, &f->bytes);
+    if (d->ok() && f->bytes == 0) d->Invalid(bytes.path, "empty fragment");
+  });
+}
+
+void Read(Decoder* d, Record& r, StagingCredit* m) {
+  ReadId(d, r.Next(), "rank", &m->receiver_rank);
+  ReadSlot(d, r.Next(), &m->slot);
 }
 
 void Read(Decoder* d, Record& r, RequestData* m) {
@@ -822,6 +924,8 @@ constexpr Kind kKinds[] = {
     {"SliceResult", kSliceResultFields, &ReadKind<SliceResult>},
     {"AuxTokens", kAuxTokensFields, &ReadKind<AuxTokens>},
     {"Cancel", kCancelFields, &ReadKind<Cancel>},
+    {"StagedChunk", kStagedChunkFields, &ReadKind<StagedChunk>},
+    {"StagingCredit", kStagingCreditFields, &ReadKind<StagingCredit>},
 };
 static_assert(std::size(kKinds) == std::variant_size_v<Message>);
 
@@ -850,6 +954,7 @@ size_t MaxElements(const DecodeLimits& l) {
               std::size(kPageTableFields) + std::size(kTopologyFields)},
       {l.max_pools, 1 + std::size(kPoolFields)},       // pools
       {l.max_pools, 1 + std::size(kPoolGrantFields)},  // grants
+      {1, std::size(kStagingGrantFields) + std::size(kPoolGrantFields)},
       {l.max_groups, 1 + std::size(kAttentionGroupFields) + std::size(kPoolViewFields)},
       {l.max_groups, 1 + std::size(kStateGroupFields)},
       {l.max_groups, 1},                                   // slice groups
@@ -857,7 +962,10 @@ size_t MaxElements(const DecodeLimits& l) {
   });
   const size_t aux_tokens =
       SaturatingSum({{1, std::size(kAuxTokensFields)}, {l.max_aux_tokens, 1}});
-  return std::max({request_data, rank_info_reply, aux_tokens});
+  const size_t staged_chunk = SaturatingSum(
+      {{1, std::size(kStagedChunkFields)},
+       {l.max_staged_fragments, 1 + std::size(kStagedFragmentFields)}});
+  return std::max({request_data, rank_info_reply, aux_tokens, staged_chunk});
 }
 
 // First pass over the raw bytes, without allocating per element: checks that the

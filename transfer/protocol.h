@@ -14,6 +14,11 @@
 //                                    <----   AuxTokens{rid, tokens}
 //   Cancel{rid}                      <--->   either direction, any time
 //
+//   Staging mode, for a pair whose writes are small (generation -> context grants a
+//   staging region with the RankInfoReply):
+//                                    <----   StagedChunk{rid, slice, slot, fragments}
+//   StagingCredit{slot}              ---->   (after scattering the slot)
+//
 // A RankInfoReply may also come unsolicited: a generation rank sends one to a
 // context rank whenever it (re)grants its pools (after the first handshake it
 // initiated, or after it fenced that rank); `grant_epoch` orders them, and every
@@ -92,6 +97,15 @@ struct RankInfoRequest {
   RankInfo sender;
 };
 
+// Where a generation rank lets one context rank stage small writes (the staging
+// mode: gather, one write, scatter): `slots` slots of `slot_bytes` each, back to
+// back from the start of `region`. The decoder refuses slots that do not fit.
+struct StagingGrant {
+  PoolGrant region;
+  uint64_t slot_bytes = 0;
+  uint32_t slots = 0;
+};
+
 // "Here is who I am", with the grants the sender gives the receiver (empty when the
 // receiver never writes to the sender, e.g. from a context rank). The decoder
 // refuses any other number of grants than none or one per pool.
@@ -99,6 +113,7 @@ struct RankInfoReply {
   RankInfo sender;
   uint64_t grant_epoch = 0;          // Increases with every new set of grants.
   std::vector<PoolGrant> grants;     // One per pool of the sender, or none.
+  std::optional<StagingGrant> staging;  // Present when the sender offers staging.
 };
 
 // The receiver's request data for one request and slice: its suffix block lists
@@ -162,8 +177,35 @@ struct Cancel {
   std::string reason;  // up to kMaxReasonBytes
 };
 
-using Message =
-    std::variant<RankInfoRequest, RankInfoReply, RequestData, SliceResult, AuxTokens, Cancel>;
+// One destination range of a staged chunk: `bytes` bytes at `offset` of pool `pool`
+// of the receiving rank.
+struct StagedFragment {
+  int64_t pool = 0;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+};
+
+// A chunk of one slice's writes that the sender gathered and wrote, in one write,
+// into staging slot `slot` of the receiver (its StagingGrant): the fragments' bytes
+// lie back to back from the slot's start, in this order. Sent only once that write
+// is delivered; the receiver scatters it into its pools, then answers with a
+// StagingCredit. Chunks of a slice precede its SliceResult.
+struct StagedChunk {
+  uint64_t unique_rid = 0;
+  int64_t slice_id = 0;
+  int64_t sender_rank = 0;
+  uint32_t slot = 0;
+  std::vector<StagedFragment> fragments;
+};
+
+// The receiver scattered staging slot `slot`: the sender may fill it again.
+struct StagingCredit {
+  int64_t receiver_rank = 0;
+  uint32_t slot = 0;
+};
+
+using Message = std::variant<RankInfoRequest, RankInfoReply, RequestData, SliceResult,
+                             AuxTokens, Cancel, StagedChunk, StagingCredit>;
 
 // The name of the message's kind ("RequestData"), for logs and metrics.
 absl::string_view MessageKindName(const Message& message);
@@ -181,6 +223,10 @@ struct DecodeLimits {
   // topology.layers_per_pp_rank.
   size_t max_layers = 65536;
   size_t max_aux_tokens = 4096;
+  size_t max_staged_fragments = size_t{1} << 20;  // per StagedChunk
+  // tp_size * pp_size of a rank info's topology: every rank of a peer instance
+  // is a loop iteration when ranks are paired.
+  size_t max_ranks = 65536;
 };
 
 // Serializes `message` (msgpack, PROTOCOL.md). Never fails: a value the decoder

@@ -7,7 +7,6 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -18,93 +17,19 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "msgpack.hpp"
+#include "testing/protocol_equality.h"
 #include "testing/status_matchers.h"
 #include "transfer/page_table.h"
 #include "transfer/slice.h"
 #include "transfer/topology.h"
 
 namespace kvx::transfer {
-
-// Field-by-field equality for the round trips; the library's types have none. In
-// kvx::transfer (not an anonymous namespace) so that the comparisons of
-// std::vector and std::variant find them.
-bool operator==(const Pool& a, const Pool& b) {
-  return std::tie(a.base_address, a.slot_bytes, a.num_slots, a.role) ==
-         std::tie(b.base_address, b.slot_bytes, b.num_slots, b.role);
-}
-bool operator==(const LayerBuffers& a, const LayerBuffers& b) {
-  return a.k_offset == b.k_offset && a.v_offset == b.v_offset;
-}
-bool operator==(const PoolView& a, const PoolView& b) {
-  return a.pool_index == b.pool_index && a.layers == b.layers;
-}
-bool operator==(const AttentionGroup& a, const AttentionGroup& b) {
-  return std::tie(a.window, a.kv_heads_per_rank, a.global_layer_ids, a.view) ==
-         std::tie(b.window, b.kv_heads_per_rank, b.global_layer_ids, b.view);
-}
-bool operator==(const StateBuffer& a, const StateBuffer& b) {
-  return a.offset == b.offset && a.bytes == b.bytes;
-}
-bool operator==(const StateGroup& a, const StateGroup& b) {
-  return std::tie(a.global_layer_ids, a.pool_index, a.layers) ==
-         std::tie(b.global_layer_ids, b.pool_index, b.layers);
-}
-bool operator==(const Topology& a, const Topology& b) {
-  return std::tie(a.tp_size, a.tp_rank, a.pp_size, a.pp_rank, a.layers_per_pp_rank,
-                  a.attention_dp) == std::tie(b.tp_size, b.tp_rank, b.pp_size, b.pp_rank,
-                                              b.layers_per_pp_rank, b.attention_dp);
-}
-bool operator==(const RankPageTable& a, const RankPageTable& b) {
-  return std::tie(a.pools, a.attention_groups, a.state_groups, a.slice_groups,
-                  a.tokens_per_block, a.head_size, a.element_bytes, a.num_kv_heads,
-                  a.is_mla, a.topology) ==
-         std::tie(b.pools, b.attention_groups, b.state_groups, b.slice_groups,
-                  b.tokens_per_block, b.head_size, b.element_bytes, b.num_kv_heads,
-                  b.is_mla, b.topology);
-}
-bool operator==(const RankInfo& a, const RankInfo& b) {
-  return std::tie(a.instance, a.role, a.rank, a.control_address, a.transport_address,
-                  a.page_table) == std::tie(b.instance, b.role, b.rank, b.control_address,
-                                            b.transport_address, b.page_table);
-}
-bool operator==(const PoolGrant& a, const PoolGrant& b) {
-  return std::tie(a.address, a.length, a.key) == std::tie(b.address, b.length, b.key);
-}
-bool operator==(const RankInfoRequest& a, const RankInfoRequest& b) {
-  return a.sender == b.sender;
-}
-bool operator==(const RankInfoReply& a, const RankInfoReply& b) {
-  return std::tie(a.sender, a.grant_epoch, a.grants) ==
-         std::tie(b.sender, b.grant_epoch, b.grants);
-}
-bool operator==(const RequestData& a, const RequestData& b) {
-  return std::tie(a.unique_rid, a.slice_id, a.receiver_rank, a.prompt_len, a.token_start,
-                  a.token_end, a.is_last_slice, a.block_ids_per_group, a.dst_start_token,
-                  a.aux_slot, a.state_slot, a.dp_rank, a.grant_epoch) ==
-         std::tie(b.unique_rid, b.slice_id, b.receiver_rank, b.prompt_len, b.token_start,
-                  b.token_end, b.is_last_slice, b.block_ids_per_group, b.dst_start_token,
-                  b.aux_slot, b.state_slot, b.dp_rank, b.grant_epoch);
-}
-bool operator==(const SliceResult& a, const SliceResult& b) {
-  return std::tie(a.unique_rid, a.slice_id, a.sender_rank, a.outcome, a.is_last_slice,
-                  a.code, a.reason, a.settled, a.bytes, a.writes) ==
-         std::tie(b.unique_rid, b.slice_id, b.sender_rank, b.outcome, b.is_last_slice,
-                  b.code, b.reason, b.settled, b.bytes, b.writes);
-}
-bool operator==(const AuxTokens& a, const AuxTokens& b) {
-  return std::tie(a.unique_rid, a.sender_rank, a.aux_slot, a.tokens) ==
-         std::tie(b.unique_rid, b.sender_rank, b.aux_slot, b.tokens);
-}
-bool operator==(const Cancel& a, const Cancel& b) {
-  return std::tie(a.unique_rid, a.sender_rank, a.from, a.reason) ==
-         std::tie(b.unique_rid, b.sender_rank, b.from, b.reason);
-}
-
 namespace {
 
 using ::kvx::testing::IsOk;
 using ::kvx::testing::StatusIs;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 constexpr uint64_t kMaxU64 = std::numeric_limits<uint64_t>::max();
@@ -142,7 +67,8 @@ RankPageTable ValidTable() {
   return table;
 }
 
-// The smallest valid table: one rank, no pools, no groups.
+// The smallest valid table: one rank, one layer in one group (every layer must be
+// in one), one pool of one slot holding its K and V of one byte each.
 RankPageTable MinimalTable() {
   RankPageTable table;
   table.tokens_per_block = 1;
@@ -150,6 +76,12 @@ RankPageTable MinimalTable() {
   table.element_bytes = 1;
   table.num_kv_heads = 1;
   table.topology = MakeTopology(1, {1});
+  table.pools = {Pool{0x1000, 2, 1, PoolRole::kKVCache}};
+  AttentionGroup group;
+  group.kv_heads_per_rank = 1;
+  group.global_layer_ids = {0};
+  group.view = PoolView{0, {{0, 1}}};
+  table.attention_groups = {group};
   return table;
 }
 
@@ -191,6 +123,7 @@ std::vector<Named> TypicalMessages() {
   reply.sender.role = Role::kGeneration;
   reply.grant_epoch = 7;
   reply.grants = {PoolGrant{1 << 20, 8192, 0x1234}, PoolGrant{1 << 24, 1024, 0x5678}};
+  reply.staging = StagingGrant{PoolGrant{1 << 28, 4 << 20, 0x9abc}, 1 << 20, 4};
   RequestData data;
   data.unique_rid = 42;
   data.slice_id = 1;
@@ -219,12 +152,16 @@ std::vector<Named> TypicalMessages() {
   failed.writes = 2;
   AuxTokens aux{42, 3, 5, {11, 12, 13}};
   Cancel cancel{42, 2, Role::kGeneration, "engine aborted the request"};
+  StagedChunk chunk{42, 1, 3, 2, {{0, 4096, 512}, {1, 0, 100}, {0, 1 << 30, 7}}};
+  StagingCredit credit{2, 3};
   return {{"RankInfoRequest", RankInfoRequest{ValidRankInfo()}},
           {"RankInfoReply", reply},
           {"RequestData", data},
           {"SliceResult", failed},
           {"AuxTokens", aux},
-          {"Cancel", cancel}};
+          {"Cancel", cancel},
+          {"StagedChunk", chunk},
+          {"StagingCredit", credit}};
 }
 
 // Edges of every kind: zeros, maxima, optionals absent and present, empty and
@@ -260,6 +197,9 @@ std::vector<Named> ExtremeMessages() {
   messages.push_back({"RankInfoRequest attention dp", RankInfoRequest{dp}});
 
   messages.push_back({"RankInfoReply no grants", RankInfoReply{small, 0, {}}});
+  RankInfoReply staging_only{ValidRankInfo(), 3, {}};
+  staging_only.staging = StagingGrant{PoolGrant{0, 4 << 20, 0x9abc}, 1 << 20, 4};
+  messages.push_back({"RankInfoReply staging only", staging_only});
   messages.push_back(
       {"RankInfoReply max grants",
        RankInfoReply{ValidRankInfo(),
@@ -694,8 +634,8 @@ TEST(Protocol, RejectsUnknownKindAndVersion) {
   ExpectRejections({
       {"kind 0", Edited("Cancel", Set({0}, Uint(0))), kInvalid,
        "message.kind: unknown message kind: kind=0"},
-      {"kind 7", Edited("Cancel", Set({0}, Uint(7))), kInvalid,
-       "message.kind: unknown message kind: kind=7"},
+      {"kind 9", Edited("Cancel", Set({0}, Uint(9))), kInvalid,
+       "message.kind: unknown message kind: kind=9"},
       {"kind huge", Edited("Cancel", Set({0}, Uint(kMaxU64))), kInvalid,
        "message.kind: unknown message kind: kind=18446744073709551615"},
       {"kind negative", Edited("Cancel", Set({0}, Int(-1))), kInvalid,
@@ -790,20 +730,35 @@ TEST(Protocol, RejectsPageTablesThatFailValidation) {
                        "rank=2 tp_size=4 tp_rank=1 pp_rank=2"));
 }
 
-TEST(Protocol, RankCheckDoesNotOverflowOnAHostileTopology) {
+TEST(Protocol, BoundsTheRanksOfAValidTopology) {
+  // Every field is valid and the head split works, but the instance has 3 x 2^62
+  // ranks: a loop over them would never end, and pp_rank * tp_size overflows.
   RankInfoRequest request{ValidRankInfo()};
   RankPageTable& table = request.sender.page_table = MinimalTable();
   table.num_kv_heads = 4;
-  // pp_rank * tp_size = 2^63: one past int64.
   table.topology =
       MakeTopology(int64_t{1} << 62, {1, 1, 1}, /*tp_rank=*/1, /*pp_rank=*/2);
-  ASSERT_THAT(ValidatePageTable(table), IsOk());
+  // ValidatePageTable bounds an instance's ranks too (issue 8); the decoder's own
+  // bound comes first and names the field.
+  ASSERT_THAT(ValidatePageTable(table), Not(IsOk()));
   request.sender.rank = 5;
-  EXPECT_THAT(DecodeMessage(EncodeMessage(request)),
-              StatusIs(kInvalid,
-                       "RankInfoRequest.sender.rank: rank does not match its "
-                       "topology: rank=5 tp_size=4611686018427387904 tp_rank=1 "
-                       "pp_rank=2"));
+  const std::string bytes = EncodeMessage(request);
+  EXPECT_THAT(DecodeMessage(bytes),
+              StatusIs(kExhausted,
+                       "RankInfoRequest.sender.page_table.topology: too many "
+                       "ranks: tp_size=4611686018427387904 pp_size=3 "
+                       "max_ranks=65536"));
+  // Even without a bound on ranks the product is refused, not overflowed.
+  DecodeLimits limits;
+  limits.max_ranks = std::numeric_limits<size_t>::max();
+  EXPECT_THAT(DecodeMessage(bytes, limits),
+              StatusIs(kExhausted, HasSubstr("too many ranks: tp_size=4611686018427387904 "
+                                             "pp_size=3 max_ranks=18446744073709551615")));
+  // 2^62 ranks fit in the product: the page table's own bound (kMaxInstanceRanks)
+  // refuses them.
+  table.topology = MakeTopology(int64_t{1} << 62, {1}, /*tp_rank=*/1);
+  EXPECT_THAT(DecodeMessage(EncodeMessage(request), limits),
+              StatusIs(kInvalid, HasSubstr("too many ranks")));
 }
 
 TEST(Protocol, RejectsGrantsThatAreNotOnePerPool) {
@@ -938,6 +893,9 @@ TEST(Protocol, EnforcesDecodeLimits) {
       {"layer entries", reply, [](DecodeLimits& l, size_t n) { l.max_layers = n; }, 9,
        "RankInfoReply.sender.page_table.topology.layers_per_pp_rank: too many layer "
        "entries: total=9 max_layers=8"},
+      {"ranks (TP4 x PP3)", reply, [](DecodeLimits& l, size_t n) { l.max_ranks = n; }, 12,
+       "RankInfoReply.sender.page_table.topology: too many ranks: tp_size=4 pp_size=3 "
+       "max_ranks=11"},
       {"aux tokens", Typical("AuxTokens"),
        [](DecodeLimits& l, size_t n) { l.max_aux_tokens = n; }, 3,
        "AuxTokens.tokens: too many tokens: total=3 max_aux_tokens=2"},
@@ -977,6 +935,7 @@ TEST(Protocol, BoundsTheWholeMessageBeforeUnpackingIt) {
   limits.max_pools = 0;
   limits.max_layers = 0;
   limits.max_aux_tokens = 0;
+  limits.max_staged_fragments = 0;
   RequestData data;
   data.block_ids_per_group.assign(2, BlockList(60, 1));
   EXPECT_THAT(DecodeMessage(EncodeMessage(data), limits),

@@ -85,12 +85,18 @@ absl::Status SenderSession::AddSlice(int64_t slice_id, KVSlice slice,
                        " slice=", slice_id, " later=", slices_.rbegin()->first));
     }
   }
-  // The receiver's request data says which slice is last too; they must agree.
+  // The receiver's request data says which slice is last too; they must agree,
+  // and request data for a slice past the last fails the request (Fail answers it).
   for (const auto& [key, data] : data_) {
-    if (invalid.ok() && key.first == slice_id && data.is_last_slice != slice.is_last_slice) {
+    if (!invalid.ok()) break;
+    if (key.first == slice_id && data.is_last_slice != slice.is_last_slice) {
       invalid = absl::InvalidArgumentError(absl::StrCat(
           "sender and receiver disagree on the last slice: request=", unique_rid_,
           " slice=", slice_id, " receiver=", key.second));
+    } else if (slice.is_last_slice && key.first > slice_id) {
+      invalid = absl::InvalidArgumentError(absl::StrCat(
+          "request data names a slice past the last slice: request=", unique_rid_,
+          " slice=", key.first, " receiver=", key.second, " last_slice=", slice_id));
     }
   }
   if (!invalid.ok()) {
@@ -137,11 +143,17 @@ void SenderSession::OnRequestData(const RequestData& data, std::vector<SessionAc
   if (data.slice_id < 0 || (last_slice_.has_value() && data.slice_id > *last_slice_) ||
       (last_slice_.has_value() && data.is_last_slice && data.slice_id != *last_slice_)) {
     data_.emplace(key, data);
-    Fail(absl::InvalidArgumentError(absl::StrCat(
-             "request data names a slice this request does not have: request=", unique_rid_,
-             " slice=", data.slice_id, " receiver=", receiver,
-             " last_slice=", last_slice_.value_or(-1))),
-         out);
+    absl::Status invalid = absl::InvalidArgumentError(absl::StrCat(
+        "request data names a slice this request does not have: request=", unique_rid_,
+        " slice=", data.slice_id, " receiver=", receiver,
+        " last_slice=", last_slice_.value_or(-1)));
+    if (IsFinal(state_) || !error_.ok()) {
+      // Fail would change nothing, yet the pair still gets its one answer
+      // (invariant 3); nothing was posted for it, so it is settled.
+      ReportFailed(data.slice_id, receiver, error_.ok() ? invalid : error_, true, out);
+    } else {
+      Fail(std::move(invalid), out);  // answers this pair with the others
+    }
     return;
   }
   data_.emplace(key, data);
@@ -493,7 +505,9 @@ bool ReceiverSession::SenderDone(int64_t sender) const {
 }
 
 void ReceiverSession::Advance(std::vector<SessionAction>* out) {
-  if (IsFinal(state_) || state_ == SessionState::kInit) return;
+  if (IsFinal(state_)) return;
+  // A request that fails before Start (the transceiver finds no sender for it)
+  // expects no sender, so nothing can land: it ends at once, or it would never end.
   if (failing_) {
     for (int64_t sender : senders_) {
       if (!SenderDone(sender)) return;
@@ -501,6 +515,7 @@ void ReceiverSession::Advance(std::vector<SessionAction>* out) {
     state_ = cancelled_ ? SessionState::kCancelled : SessionState::kError;
     return;
   }
+  if (state_ == SessionState::kInit) return;  // Not started: nothing asked for yet.
   for (int64_t sender : senders_) {
     for (const ReceiverSlice& s : request_.slices) {
       auto report = reports_.find({s.slice_id, sender});

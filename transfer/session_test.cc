@@ -253,6 +253,62 @@ TEST(SenderSessionTest, SlicesMustAgreeWithTheReceiverOnTheLastOne) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// Regression (issue 11, session_fuzzer): request data for a slice past the last
+// one, arriving before the engine said which slice is last, was kept and never
+// answered while the rest of the request completed: the receiver waited for its
+// result until its deadline, then fenced the sender.
+TEST(SenderSessionTest, RequestDataPastTheLastSliceGivenLaterFailsTheRequest) {
+  SenderSession s(7, 0);
+  s.ExpectReceivers({0});
+  std::vector<SessionAction> actions;
+  s.OnRequestData(Data(1, 0, /*last=*/false), &actions);
+  EXPECT_THAT(s.AddSlice(0, Slice(0, 16, /*last=*/true, {10}), {}, kFar, &actions),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(s.state(), SessionState::kError);
+  const auto results = Sent<SliceResult>(actions);
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results[0].second.slice_id, 1);
+  EXPECT_EQ(results[0].second.outcome, SliceOutcome::kFailed);
+  EXPECT_TRUE(results[0].second.settled);
+}
+
+// Regression (issue 11, session_fuzzer): request data for a slice past the last
+// one, arriving once the request had failed or completed, got no result at all.
+TEST(SenderSessionTest, RequestDataPastTheLastSliceIsAnsweredWhenTheRequestEnded) {
+  {
+    SenderSession s(7, 0);
+    s.ExpectReceivers({0});
+    std::vector<SessionAction> actions;
+    ASSERT_OK(s.AddSlice(0, Slice(0, 16, /*last=*/true, {10}), {}, kFar, &actions));
+    EXPECT_THAT(s.AddSlice(1, Slice(16, 32, false, {11}), {}, kFar, &actions),
+                StatusIs(absl::StatusCode::kInvalidArgument));
+    ASSERT_EQ(s.state(), SessionState::kError);
+    s.OnRequestData(Data(1, 0, /*last=*/false), &actions);
+    const auto results = Sent<SliceResult>(actions);
+    ASSERT_EQ(results.size(), 1u);
+    EXPECT_EQ(results[0].second.slice_id, 1);
+    EXPECT_EQ(results[0].second.code, static_cast<int32_t>(absl::StatusCode::kInvalidArgument));
+    EXPECT_TRUE(results[0].second.settled);
+  }
+  {
+    SenderSession s(7, 0);
+    s.ExpectReceivers({0});
+    std::vector<SessionAction> actions;
+    ASSERT_OK(s.AddSlice(0, Slice(0, 16, /*last=*/true, {10}), {}, kFar, &actions));
+    s.OnRequestData(Data(0, 0, /*last=*/true), &actions);
+    s.OnSliceEnded(0, 0, Delivered(), &actions);
+    ASSERT_EQ(s.state(), SessionState::kFullyTransferred);
+    actions.clear();
+    s.OnRequestData(Data(1, 0, /*last=*/false), &actions);
+    const auto results = Sent<SliceResult>(actions);
+    ASSERT_EQ(results.size(), 1u);
+    EXPECT_EQ(results[0].second.slice_id, 1);
+    EXPECT_EQ(results[0].second.outcome, SliceOutcome::kFailed);
+    EXPECT_EQ(s.state(), SessionState::kFullyTransferred);  // The request itself is done.
+    EXPECT_OK(s.error());
+  }
+}
+
 // --- Receiver ------------------------------------------------------------------------
 
 ReceiverRequest TwoSliceRequest() {
@@ -402,6 +458,36 @@ TEST(ReceiverSessionTest, FenceOfASenderThatDeliveredEverythingChangesNothing) {
   r.OnSenderFenced(1, kT0, &actions);
   EXPECT_THAT(r.error(), StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(r.state(), SessionState::kError);
+}
+
+// Regression (issue 11, session_fuzzer): a request the transceiver fails before it
+// starts (no rank of the context instance overlaps this one) stayed in INIT for
+// ever, so the engine never saw it end.
+TEST(ReceiverSessionTest, FailureBeforeStartEndsTheRequest) {
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Fail(absl::UnavailableError("no rank of the context instance overlaps this one"), kT0,
+           &actions);
+    EXPECT_EQ(r.state(), SessionState::kError);
+    EXPECT_THAT(actions, IsEmpty());  // It expects no sender: nobody to tell.
+    EXPECT_EQ(r.next_deadline(), absl::InfiniteFuture());
+    r.Start({{0, 1}}, &actions);
+    EXPECT_THAT(actions, IsEmpty());
+  }
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Cancel("engine gave up", kT0, &actions);
+    EXPECT_EQ(r.state(), SessionState::kCancelled);
+  }
+  {
+    // Before Start and before its deadline, a timer changes nothing.
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.OnDeadline(kT0, &actions);
+    EXPECT_EQ(r.state(), SessionState::kInit);
+  }
 }
 
 }  // namespace

@@ -64,19 +64,30 @@ absl::Status CheckDistinct(const char* side, absl::Span<const int64_t> ids,
       " index=", repeated->first, " other_index=", repeated->second));
 }
 
-// Step 7 on lists already checked.
-AlignedBlocks Align(absl::Span<const int64_t> src, int64_t src_start_token,
-                    absl::Span<const int64_t> dst, int64_t dst_start_token,
-                    int64_t tokens_per_block, int64_t floor_token) {
+// Step 7 on lists already checked, into `src_out` and `dst_out` (their capacity is
+// kept: a caller that plans request after request allocates nothing once warm).
+void AlignInto(absl::Span<const int64_t> src, int64_t src_start_token,
+               absl::Span<const int64_t> dst, int64_t dst_start_token,
+               int64_t tokens_per_block, int64_t floor_token, BlockList* src_out,
+               BlockList* dst_out) {
   const int64_t overlap = std::max({src_start_token, dst_start_token, floor_token});
   const int64_t src_skip = (overlap - src_start_token) / tokens_per_block;
   const int64_t dst_skip = (overlap - dst_start_token) / tokens_per_block;
   const int64_t n = std::min(static_cast<int64_t>(src.size()) - src_skip,
                              static_cast<int64_t>(dst.size()) - dst_skip);
+  src_out->clear();
+  dst_out->clear();
+  if (n <= 0) return;
+  src_out->assign(src.begin() + src_skip, src.begin() + src_skip + n);
+  dst_out->assign(dst.begin() + dst_skip, dst.begin() + dst_skip + n);
+}
+
+AlignedBlocks Align(absl::Span<const int64_t> src, int64_t src_start_token,
+                    absl::Span<const int64_t> dst, int64_t dst_start_token,
+                    int64_t tokens_per_block, int64_t floor_token) {
   AlignedBlocks aligned;
-  if (n <= 0) return aligned;
-  aligned.src.assign(src.begin() + src_skip, src.begin() + src_skip + n);
-  aligned.dst.assign(dst.begin() + dst_skip, dst.begin() + dst_skip + n);
+  AlignInto(src, src_start_token, dst, dst_start_token, tokens_per_block, floor_token,
+            &aligned.src, &aligned.dst);
   return aligned;
 }
 
@@ -180,6 +191,14 @@ absl::StatusOr<AlignedBlocks> AlignBlocks(absl::Span<const int64_t> src,
 absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
                                                           const KVSlice& dst,
                                                           const PairingOptions& options) {
+  std::vector<GroupPairing> pairings;
+  if (absl::Status s = PairSliceBlocksInto(src, dst, options, &pairings); !s.ok()) return s;
+  return pairings;
+}
+
+absl::Status PairSliceBlocksInto(const KVSlice& src, const KVSlice& dst,
+                                 const PairingOptions& options,
+                                 std::vector<GroupPairing>* pairings_out) {
   if (absl::Status s = CheckTokensPerBlock(options.tokens_per_block); !s.ok()) return s;
   const size_t num_groups = src.block_ids_per_layer_group.size();
   if (dst.block_ids_per_layer_group.size() != num_groups ||
@@ -209,7 +228,8 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
   const int64_t slice_end = src.token_range ? src.token_range->end() : 0;
   const int64_t total = CeilDiv(slice_end, tpb);
 
-  std::vector<GroupPairing> pairings(num_groups);
+  std::vector<GroupPairing>& pairings = *pairings_out;
+  pairings.resize(num_groups);
   for (size_t g = 0; g < num_groups; ++g) {
     const BlockList& src_list = src.block_ids_per_layer_group[g];
     const BlockList& dst_list = dst.block_ids_per_layer_group[g];
@@ -250,14 +270,11 @@ absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(const KVSlice& src,
       floor_token = blocks->stale_end * tpb;
     }
 
-    AlignedBlocks aligned =
-        Align(absl::MakeConstSpan(src_list.data(), *src_len), pairing.src_start_token,
+    AlignInto(absl::MakeConstSpan(src_list.data(), *src_len), pairing.src_start_token,
               absl::MakeConstSpan(dst_list.data(), *dst_len), pairing.dst_start_token, tpb,
-              floor_token);
-    pairing.src = std::move(aligned.src);
-    pairing.dst = std::move(aligned.dst);
+              floor_token, &pairing.src, &pairing.dst);
   }
-  return pairings;
+  return absl::OkStatus();
 }
 
 }  // namespace kvx::transfer

@@ -184,6 +184,14 @@ struct GroupPairing {
 ABSL_MUST_USE_RESULT absl::StatusOr<std::vector<GroupPairing>> PairSliceBlocks(
     const KVSlice& src, const KVSlice& dst, const PairingOptions& options);
 
+// PairSliceBlocks into `*out`, keeping the capacity of its vectors: a caller that
+// plans request after request with one `out` allocates nothing once warm (first-touch
+// page faults of fresh lists, not the pairing, dominated planning a long prompt).
+// On error `*out` holds partial results.
+ABSL_MUST_USE_RESULT absl::Status PairSliceBlocksInto(const KVSlice& src, const KVSlice& dst,
+                                                      const PairingOptions& options,
+                                                      std::vector<GroupPairing>* out);
+
 }  // namespace kvx::transfer
 
 #endif  // KVX_TRANSFER_SLICE_H_

@@ -33,6 +33,25 @@ void FaultInjectingTransport::DelayCompletions(absl::Duration delay) {
   delay_ = delay;
 }
 
+void FaultInjectingTransport::DropAllPeers() {
+  MutexLock lock(&mu_);
+  drop_all_ = true;
+  for (auto& [id, t] : transfers_) {
+    if (!t.injected.ok()) continue;
+    t.injected = absl::UnavailableError(absl::StrCat(
+        "injected fault: peer dropped mid-transfer: peer=", t.peer, " transfer=", id));
+    t.settled_if_failed = false;
+  }
+}
+
+void FaultInjectingTransport::ClearFaults() {
+  MutexLock lock(&mu_);
+  fail_write_.reset();
+  delay_ = absl::ZeroDuration();
+  dropped_.clear();
+  drop_all_ = false;
+}
+
 void FaultInjectingTransport::DropPeer(PeerId peer) {
   MutexLock lock(&mu_);
   dropped_.insert(peer);
@@ -47,7 +66,7 @@ void FaultInjectingTransport::DropPeer(PeerId peer) {
 absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
     PeerId peer, absl::Span<const WriteOp> writes, absl::Time deadline) {
   MutexLock lock(&mu_);
-  if (dropped_.contains(peer)) {
+  if (drop_all_ || dropped_.contains(peer)) {
     return absl::UnavailableError(absl::StrCat("injected fault: peer dropped: peer=", peer));
   }
   Tracked tracked;

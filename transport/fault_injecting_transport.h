@@ -59,6 +59,10 @@ class FaultInjectingTransport final : public Transport {
   // quiesces unsettled once the wrapped transport ended it (as a lost connection
   // would); new writes to it are refused with `Unavailable`.
   void DropPeer(PeerId peer);
+  // DropPeer for every peer, present and future.
+  void DropAllPeers();
+  // Ends every fault set above (transfers already failed stay failed).
+  void ClearFaults();
 
   Transport& inner() { return *inner_; }
 
@@ -107,6 +111,7 @@ class FaultInjectingTransport final : public Transport {
   std::optional<int64_t> fail_write_ ABSL_GUARDED_BY(mu_);
   absl::Duration delay_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
   absl::flat_hash_set<PeerId> dropped_ ABSL_GUARDED_BY(mu_);
+  bool drop_all_ ABSL_GUARDED_BY(mu_) = false;
   TransferId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::flat_hash_map<TransferId, Tracked> transfers_ ABSL_GUARDED_BY(mu_);
 };

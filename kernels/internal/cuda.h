@@ -57,6 +57,10 @@ class Cuda {
   static absl::StatusOr<int> DeviceCount();
   static absl::StatusOr<void*> Malloc(uint64_t bytes);
   static void Free(void* device);
+  // Page-locked host memory, mapped into the device's address space (unified
+  // addressing: the same pointer works in kernels), for staging.
+  static absl::StatusOr<void*> MallocPinned(uint64_t bytes);
+  static void FreePinned(void* host);
   // Synchronous cudaMemcpy, cudaMemcpyDefault.
   static absl::Status Copy(void* dst, const void* src, uint64_t bytes);
   static absl::Status CopyAsync(kernels::CudaStream stream, void* dst, const void* src,

@@ -170,6 +170,16 @@ absl::StatusOr<void*> Cuda::Malloc(uint64_t bytes) {
 
 void Cuda::Free(void* device) { (void)cudaFree(device); }
 
+absl::StatusOr<void*> Cuda::MallocPinned(uint64_t bytes) {
+  void* host = nullptr;
+  absl::Status status = CudaStatus(
+      cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc");
+  if (!status.ok()) return status;
+  return host;
+}
+
+void Cuda::FreePinned(void* host) { (void)cudaFreeHost(host); }
+
 absl::Status Cuda::Copy(void* dst, const void* src, uint64_t bytes) {
   return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
 }

@@ -55,6 +55,10 @@ absl::StatusOr<void*> Cuda::Malloc(uint64_t) { return NotBuilt("malloc"); }
 
 void Cuda::Free(void*) {}
 
+absl::StatusOr<void*> Cuda::MallocPinned(uint64_t) { return NotBuilt("malloc_pinned"); }
+
+void Cuda::FreePinned(void*) {}
+
 absl::Status Cuda::Copy(void*, const void*, uint64_t) { return NotBuilt("memcpy"); }
 
 absl::Status Cuda::CopyAsync(kernels::CudaStream, void*, const void*, uint64_t) {

@@ -26,6 +26,9 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cache_reuse/adapter.h"
+#include "kernels/device.h"
+#include "kernels/launch.h"
+#include "kernels/staging.h"
 #include "transfer/control_channel.h"
 #include "transfer/fragments.h"
 #include "transfer/page_table.h"
@@ -50,6 +53,8 @@ using transfer::SenderSession;
 using transfer::SessionAction;
 
 constexpr size_t kMaxInstanceName = 256;
+// Fragments one staged chunk carries at most (a CUDA workspace's capacity).
+constexpr size_t kMaxChunkFragments = 65536;
 
 // The slice groups of a table as the slice builder and the pairing see them (one
 // source of truth: the page table).
@@ -117,6 +122,8 @@ struct Transceiver::Impl {
   transfer::HeadModel heads;
   int64_t self_dp_rank = 0;
   std::unique_ptr<transport::Transport> transport;
+  transport::MemoryKind pool_memory = transport::MemoryKind::kHost;
+  bool stage_only = false;  // pools not registered; every pair staged
   std::vector<transport::RegionId> pool_regions;
   std::unique_ptr<transfer::ControlChannel> channel;
 
@@ -153,6 +160,35 @@ struct Transceiver::Impl {
   TransceiverMetrics metrics ABSL_GUARDED_BY(mu);
 
   // --- The rank's thread only.
+  // Host memory registered for staging, slots back to back: plain for host pools,
+  // pinned and mapped for the device (with a kernel workspace per slot) for CUDA
+  // pools.
+  struct Arena {
+    std::unique_ptr<char[]> bytes;
+    std::optional<kernels::PinnedHostBuffer> pinned;
+    std::vector<std::unique_ptr<kernels::DeviceWorkspace>> workspaces;  // per slot
+    char* base = nullptr;
+    transport::RegionId region = 0;
+    uint64_t slot_bytes = 0;
+    uint32_t slots = 0;
+    char* slot(uint32_t i) const { return base + uint64_t{i} * slot_bytes; }
+  };
+  struct StagedJob;
+  // One staged chunk in flight: its write, and the message that follows it.
+  struct StagedWrite {
+    transport::TransferId id = 0;
+    StagedJob* job = nullptr;
+    transfer::StagedChunk chunk;
+    uint64_t bytes = 0;
+  };
+  // Context side, per generation rank that offered staging.
+  struct SendStaging {
+    transport::RegionDescriptor remote;
+    Arena local;
+    std::vector<bool> busy;              // until its StagingCredit comes back
+    std::deque<StagedJob*> queue;        // jobs with fragments left to stage, FIFO
+    std::map<uint32_t, StagedWrite> in_flight;  // by slot
+  };
   struct PeerRank {
     RankInfo info;
     transport::PeerId peer = 0;
@@ -160,15 +196,23 @@ struct Transceiver::Impl {
     bool has_grants = false;
     uint64_t grant_epoch = 0;
     std::vector<transport::RegionDescriptor> grants;
-    // Generation side: the epoch of the grants given to the context rank.
+    std::unique_ptr<SendStaging> staging;  // when the generation rank offers it
+    // Generation side: the epoch of the grants given to the context rank, and the
+    // staging arena it may write (scattered from on StagedChunk).
     uint64_t given_epoch = 0;
+    std::unique_ptr<Arena> arena;
     // Context side: plans this rank's writes to the generation rank.
     std::optional<transfer::FragmentPlanner> planner;
   };
   struct PeerInstance {
     std::map<int64_t, PeerRank> ranks;
     transfer::Topology shape;  // of its first rank; all must agree
+    // This rank's receivers there, per DP rank of a request: a walk over every
+    // rank of the instance (up to 65536), done once per DP rank, not per request.
+    std::map<int64_t, absl::StatusOr<std::vector<int64_t>>> receivers_by_dp_rank;
   };
+  static constexpr size_t kMaxCachedDpRanks = 256;
+  absl::StatusOr<std::vector<int64_t>> ReceiversOf(PeerInstance& instance, int64_t dp_rank);
   std::map<std::string, PeerInstance> instances;
   std::map<std::string, std::pair<std::string, int64_t>> by_address;  // -> (instance, rank)
 
@@ -176,6 +220,21 @@ struct Transceiver::Impl {
     transport::TransferId id = 0;
     uint64_t bytes = 0;
     int64_t writes = 0;
+  };
+  // One (slice, receiver) pair sent in staging mode: its fragments go out in chunks,
+  // one write per chunk, as slots free up.
+  struct StagedJob {
+    uint64_t rid = 0;
+    int64_t slice_id = 0;
+    int64_t receiver = 0;
+    std::vector<transfer::Fragment> fragments;
+    size_t next = 0;            // first fragment not fully staged
+    uint64_t next_offset = 0;   // bytes of it already staged
+    int64_t in_flight = 0;      // chunks posted and not ended
+    int64_t chunks = 0;         // chunks delivered
+    uint64_t bytes = 0;         // delivered
+    absl::Status error;         // the first failure; stops staging
+    bool done() const { return next == fragments.size(); }
   };
   struct SenderEntry {
     explicit SenderEntry(uint64_t rid, int64_t rank) : session(rid, rank) {}
@@ -185,6 +244,7 @@ struct Transceiver::Impl {
     int64_t prompt_len = 0;
     std::optional<int64_t> state_slot;
     std::map<std::pair<int64_t, int64_t>, InFlight> in_flight;
+    std::map<std::pair<int64_t, int64_t>, std::unique_ptr<StagedJob>> staged;
     RequestMetrics metrics;
     absl::Time started;
     std::optional<absl::Time> first_post;
@@ -202,13 +262,20 @@ struct Transceiver::Impl {
   std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
   std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
   std::map<uint64_t, absl::Time> cancelled_early;  // rid -> forget after
+  // Grant epochs increase for the rank's whole life, also across a peer instance
+  // removed and added again, so a context rank never mistakes new grants for old.
+  uint64_t last_epoch = 0;
   std::set<uint64_t> touched;
+  // Staging arenas of ranks that are gone, freed once the transport has released
+  // them (a transfer that read one may end after its peer was removed).
+  std::vector<std::unique_ptr<Arena>> retired;
   std::set<uint64_t> posting;  // senders with transfers in flight
   // (when, rid) of session deadlines, checked lazily.
   std::priority_queue<std::pair<absl::Time, uint64_t>, std::vector<std::pair<absl::Time, uint64_t>>,
                       std::greater<>>
       timers;
-  // Reused across requests (the hot path allocates little).
+  // Reused across requests (the hot path allocates little once warm).
+  std::vector<transfer::GroupPairing> pairs;
   transfer::FragmentPlan plan;
   std::vector<transport::WriteOp> ops;
 
@@ -217,6 +284,9 @@ struct Transceiver::Impl {
   void Run();
   void Execute(Command& command);
   void Handle(const transfer::ControlChannel::Incoming& incoming);
+  // With CURVE: the instance a message claims is the one its sender's key proved.
+  absl::Status CheckSenderInstance(const transfer::ControlChannel::Incoming& incoming,
+                                   const Message& message);
   void HandleRankInfo(const std::string& from, const RankInfo& info, bool is_request,
                       const transfer::RankInfoReply* reply);
   void HandleRequestData(const std::string& from, const transfer::RequestData& data);
@@ -228,6 +298,19 @@ struct Transceiver::Impl {
   void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
                    std::vector<SessionAction>* out);
   void PollTransfers();
+  void Shutdown();
+  // Staging mode (issue 10): gather a pair's small writes into slots, one write per
+  // slot, the receiver scatters.
+  void StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id, int64_t receiver);
+  void PumpStaging(PeerRank& peer);
+  void PollStaging();
+  void EndStagedJob(StagedJob& job);
+  void RetireArenas();
+  absl::StatusOr<std::unique_ptr<Arena>> MakeArena(uint64_t slot_bytes, uint32_t slots);
+  kernels::Launch LaunchFor(const Arena& arena, uint32_t slot) const;
+  void HandleStagedChunk(const std::string& from, const transfer::StagedChunk& chunk);
+  void HandleStagingCredit(const std::string& from, const transfer::StagingCredit& credit);
+  std::optional<transfer::StagingGrant> OfferStaging(PeerRank& rank);
   void FireTimers(absl::Time now);
   void Fence(const std::string& instance, int64_t rank);
   void DropInstance(const std::string& instance, const absl::Status& why);
@@ -268,9 +351,13 @@ absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const Transceiv
   impl->heads = transfer::HeadModel{impl->table.num_kv_heads, impl->table.is_mla};
   const transfer::Topology& topology = impl->table.topology;
   impl->self_dp_rank = topology.attention_dp ? topology.tp_rank : 0;
+  impl->pool_memory = setup.pool_memory;
 
+  transfer::ControlChannelOptions channel_options;
+  channel_options.bind_address = options.control_bind;
+  channel_options.security = options.control_security;
   absl::StatusOr<std::unique_ptr<transfer::ControlChannel>> channel =
-      transfer::ControlChannel::Create(transfer::ControlChannelOptions{options.control_bind});
+      transfer::ControlChannel::Create(channel_options);
   if (!channel.ok()) return channel.status();
   impl->channel = *std::move(channel);
   transport::EndpointOptions endpoint = setup.endpoint;
@@ -279,7 +366,26 @@ absl::StatusOr<std::unique_ptr<Transceiver>> Transceiver::Create(const Transceiv
   absl::StatusOr<std::unique_ptr<transport::Transport>> created = setup.create_transport(endpoint);
   if (!created.ok()) return created.status();
   impl->transport = *std::move(created);
-  for (size_t i = 0; i < impl->table.pools.size(); ++i) {
+  impl->stage_only = options.staging.only;
+  if (setup.pool_memory == transport::MemoryKind::kCuda) {
+    if (impl->transport->capabilities().cuda_memory) {
+      impl->Log("CUDA pools: the transport registers device memory (FI_HMEM): writes go "
+                "from GPU to GPU");
+    } else {
+      impl->stage_only = true;
+      impl->Log(absl::StrCat(
+          "CUDA pools: the transport (", impl->transport->capabilities().backend,
+          ") cannot register device memory (no FI_HMEM / GPUDirect RDMA): every write is "
+          "staged through pinned host memory"));
+    }
+  }
+  if (impl->stage_only && (options.staging.slots == 0 || options.staging.slot_bytes == 0)) {
+    return absl::InvalidArgumentError(
+        "every write must be staged (staging.only, or CUDA pools without FI_HMEM) but "
+        "staging has no slots");
+  }
+  // Pools are registered (and later granted) only when peers write them directly.
+  for (size_t i = 0; !impl->stage_only && i < impl->table.pools.size(); ++i) {
     const transfer::Pool& pool = impl->table.pools[i];
     absl::StatusOr<transport::RegionId> region = impl->transport->RegisterMemory(
         reinterpret_cast<void*>(pool.base_address), pool.slot_bytes * static_cast<uint64_t>(pool.num_slots),
@@ -320,11 +426,24 @@ const RankInfo& Transceiver::rank_info() const { return impl_->self; }
 
 absl::Status Transceiver::AddPeerInstance(absl::Span<const std::string> control_addresses,
                                           absl::Time deadline) {
+  return AddPeerInstance("", control_addresses, deadline);
+}
+
+absl::Status Transceiver::AddPeerInstance(absl::string_view instance,
+                                          absl::Span<const std::string> control_addresses,
+                                          absl::Time deadline) {
   if (control_addresses.empty()) {
     return absl::InvalidArgumentError("AddPeerInstance needs the control address of every rank");
   }
+  if (instance.empty() &&
+      impl_->options.control_security.mode != transfer::ControlSecurity::Mode::kOff) {
+    // The handshake must be sealed for some instance's key before it is sent.
+    return absl::InvalidArgumentError(
+        "with CURVE, AddPeerInstance must name the peer instance it adds");
+  }
   Impl::Command command;
   command.kind = Impl::Command::Kind::kAddPeers;
+  command.instance = std::string(instance);
   command.addresses.assign(control_addresses.begin(), control_addresses.end());
   {
     MutexLock lock(&impl_->mu);
@@ -590,12 +709,60 @@ void Transceiver::Impl::Run() {
       if (stop) break;
       todo.swap(commands);
     }
+
     for (Command& command : todo) Execute(command);
     todo.clear();
     for (const transfer::ControlChannel::Incoming& message : incoming) Handle(message);
     PollTransfers();
+    PollStaging();
+    RetireArenas();
     FireTimers(absl::Now());
     Publish();
+  }
+  Shutdown();
+}
+
+// Tells every peer of a request that is not final that this rank is going away, so
+// none waits for its deadline: receivers stop waiting (Cancel), and a sender's pairs
+// in flight are reported FAILED and unsettled (the transport is about to cut them;
+// the receiver fences this rank before it reuses their pages).
+void Transceiver::Impl::Shutdown() {
+  const std::string reason = absl::StrCat("rank shutting down: ", self.instance, "/", self.rank);
+  for (auto& [rid, e] : senders) {
+    if (transfer::IsFinal(e->session.state()) || e->instance.empty()) continue;
+    const PeerInstance& instance = instances[e->instance];
+    std::vector<SessionAction> actions;
+    e->session.Fail(absl::AbortedError(reason), &actions);
+    for (const SessionAction& action : actions) {
+      if (const auto* send = std::get_if<transfer::SendMessage>(&action)) {
+        auto rank = instance.ranks.find(send->peer_rank);
+        if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
+      }
+    }
+    std::set<std::pair<int64_t, int64_t>> posted;
+    for (const auto& [key, flight] : e->in_flight) posted.insert(key);
+    for (const auto& [key, job] : e->staged) posted.insert(key);
+    for (const auto& [slice_id, receiver] : posted) {
+      transfer::SliceResult failed;
+      failed.unique_rid = rid;
+      failed.slice_id = slice_id;
+      failed.sender_rank = self.rank;
+      failed.outcome = transfer::SliceOutcome::kFailed;
+      failed.code = static_cast<int32_t>(absl::StatusCode::kAborted);
+      failed.reason = reason;
+      failed.settled = false;
+      auto rank = instance.ranks.find(receiver);
+      if (rank != instance.ranks.end()) Send(rank->second.info.control_address, failed);
+    }
+  }
+  for (auto& [rid, e] : receivers) {
+    if (transfer::IsFinal(e->session.state())) continue;
+    const PeerInstance& instance = instances[e->instance];
+    for (const auto& [rank_id, peer] : instance.ranks) {
+      if (!e->session.waits_on(rank_id)) continue;
+      Send(peer.info.control_address,
+           transfer::Cancel{rid, self.rank, Role::kGeneration, reason});
+    }
   }
 }
 
@@ -625,15 +792,15 @@ void Transceiver::Impl::Send(const std::string& address, const Message& message)
 void Transceiver::Impl::Execute(Command& command) {
   switch (command.kind) {
     case Command::Kind::kAddPeers: {
+      // Always asked afresh, even for a known address: the answer tells whether the
+      // rank there restarted (a new transport address) since.
       transfer::RankInfoRequest hello{self};
       for (const std::string& address : command.addresses) {
-        auto known = by_address.find(address);
-        if (known != by_address.end()) {
-          PeerRank& rank = instances[known->second.first].ranks[known->second.second];
-          if (self.role == Role::kGeneration || rank.has_grants) {
-            FinishHandshake(address, absl::OkStatus());
-            continue;
-          }
+        // With CURVE, only `command.instance` can accept what is sent there (and an
+        // address already known as another instance is refused here).
+        if (absl::Status tied = channel->SetPeerInstance(address, command.instance); !tied.ok()) {
+          FinishHandshake(address, tied);
+          continue;
         }
         Send(address, hello);
       }
@@ -755,6 +922,10 @@ void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incomin
     CountBad(absl::StrCat("from ", incoming.from, ": ", decoded.status().ToString()));
     return;
   }
+  if (absl::Status proven = CheckSenderInstance(incoming, *decoded); !proven.ok()) {
+    CountBad(proven.message());
+    return;
+  }
   if (auto* m = std::get_if<transfer::RankInfoRequest>(&*decoded)) {
     HandleRankInfo(incoming.from, m->sender, /*is_request=*/true, nullptr);
   } else if (auto* m = std::get_if<transfer::RankInfoReply>(&*decoded)) {
@@ -767,7 +938,45 @@ void Transceiver::Impl::Handle(const transfer::ControlChannel::Incoming& incomin
     HandleAux(incoming.from, *m);
   } else if (auto* m = std::get_if<transfer::Cancel>(&*decoded)) {
     HandleCancel(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::StagedChunk>(&*decoded)) {
+    HandleStagedChunk(incoming.from, *m);
+  } else if (auto* m = std::get_if<transfer::StagingCredit>(&*decoded)) {
+    HandleStagingCredit(incoming.from, *m);
   }
+}
+
+absl::Status Transceiver::Impl::CheckSenderInstance(
+    const transfer::ControlChannel::Incoming& incoming, const Message& message) {
+  // Security off: nothing is proven, and the protocol's own checks are all there is.
+  if (incoming.peer_instance.empty()) return absl::OkStatus();
+  const RankInfo* info = nullptr;
+  if (auto* m = std::get_if<transfer::RankInfoRequest>(&message)) info = &m->sender;
+  if (auto* m = std::get_if<transfer::RankInfoReply>(&message)) info = &m->sender;
+  if (info == nullptr) {
+    // Other messages name no instance: the one the sender's address was handshaken
+    // under must be the one it proved (unknown addresses are dropped downstream).
+    auto known = by_address.find(incoming.from);
+    if (known == by_address.end() || known->second.first == incoming.peer_instance) {
+      return absl::OkStatus();
+    }
+    return absl::PermissionDeniedError(absl::StrCat(
+        "message from the address of another instance: from=", incoming.from,
+        " proven=", incoming.peer_instance, " address_of=", known->second.first));
+  }
+  if (info->instance != incoming.peer_instance) {
+    // Refused without an answer: a peer cannot learn this rank's page table,
+    // addresses or grants under another instance's name.
+    return absl::PermissionDeniedError(
+        absl::StrCat("rank info claims another instance than its key proves: claimed=",
+                     info->instance, " proven=", incoming.peer_instance,
+                     " rank=", info->rank, " from=", incoming.from));
+  }
+  // Answers go to the address it gave, sealed for the instance it proved.
+  if (absl::Status tied = channel->SetPeerInstance(info->control_address, info->instance);
+      !tied.ok()) {
+    return absl::Status(tied.code(), absl::StrCat("rank info refused: ", tied.message()));
+  }
+  return absl::OkStatus();
 }
 
 void Transceiver::Impl::FinishHandshake(const std::string& address, absl::Status status) {
@@ -788,6 +997,7 @@ void Transceiver::Impl::MarkReady(const std::string& instance, int64_t rank) {
 
 std::vector<transfer::PoolGrant> Transceiver::Impl::GrantAll(PeerRank& rank) {
   std::vector<transfer::PoolGrant> grants;
+  if (stage_only) return grants;  // The pools are not registered: staging only.
   for (transport::RegionId region : pool_regions) {
     absl::StatusOr<transport::RegionDescriptor> d = transport->GrantRemoteWrite(region, rank.peer);
     if (!d.ok()) {
@@ -888,11 +1098,10 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   }
   if (self.role == Role::kGeneration) {
     // Grants go with every answer to a context rank (first epoch 1).
-    if (fresh || rank->given_epoch == 0) {
-      transfer::RankInfoReply answer{self, ++rank->given_epoch, GrantAll(*rank)};
-      Send(info.control_address, answer);
-    } else if (is_request) {
-      Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch, GrantAll(*rank)});
+    if (fresh || rank->given_epoch == 0) rank->given_epoch = ++last_epoch;
+    if (fresh || is_request) {
+      Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch,
+                                                         GrantAll(*rank), OfferStaging(*rank)});
     }
     MarkReady(info.instance, info.rank);
     FinishHandshake(info.control_address, absl::OkStatus());
@@ -900,14 +1109,19 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   }
   // Context side.
   if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
-  if (reply != nullptr && !reply->grants.empty()) {
-    if (reply->grant_epoch <= rank->grant_epoch && rank->has_grants) return;  // stale
-    if (reply->grants.size() != info.page_table.pools.size()) {
+  if (reply != nullptr && (!reply->grants.empty() || reply->staging.has_value())) {
+    if (rank->has_grants && reply->grant_epoch <= rank->grant_epoch) {
+      // What this rank holds is as new (a repeated handshake) or newer.
+      FinishHandshake(info.control_address, absl::OkStatus());
+      return;
+    }
+    if (!reply->grants.empty() && reply->grants.size() != info.page_table.pools.size()) {
       CountBad(absl::StrCat("grants do not match the pools: rank=", info.rank,
                             " grants=", reply->grants.size(),
                             " pools=", info.page_table.pools.size()));
       return;
     }
+    // No pool grants with a staging offer: a rank that takes staged writes only.
     rank->grants.clear();
     for (size_t i = 0; i < reply->grants.size(); ++i) {
       const transfer::PoolGrant& g = reply->grants[i];
@@ -923,6 +1137,37 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
     const bool first = !rank->has_grants;
     rank->has_grants = true;
     rank->grant_epoch = reply->grant_epoch;
+    // Staging: keep the local arena (and its busy slots, which only credits free)
+    // when the geometry stays; a new offer of another shape starts afresh once the
+    // old arena has nothing in flight.
+    const std::optional<transfer::StagingGrant>& offer = reply->staging;
+    const bool fits = offer.has_value() &&
+                      offer->slot_bytes <= options.staging.max_arena_bytes / offer->slots;
+    if (offer.has_value() && !fits) {
+      Log(absl::StrCat("staging offer too large, staging off for rank ", info.rank,
+                       ": slots=", offer->slots, " slot_bytes=", offer->slot_bytes));
+    }
+    SendStaging* staging = rank->staging.get();
+    if (!fits || (options.staging.threshold_bytes == 0 && !stage_only)) {
+      if (staging == nullptr || staging->in_flight.empty()) rank->staging.reset();
+    } else if (staging != nullptr && staging->local.slot_bytes == offer->slot_bytes &&
+               staging->local.slots == offer->slots) {
+      staging->remote = transport::RegionDescriptor{offer->region.address, offer->region.length,
+                                                    offer->region.key};
+    } else if (staging == nullptr || staging->in_flight.empty()) {
+      absl::StatusOr<std::unique_ptr<Arena>> local = MakeArena(offer->slot_bytes, offer->slots);
+      if (local.ok()) {
+        auto fresh_staging = std::make_unique<SendStaging>();
+        fresh_staging->remote = transport::RegionDescriptor{
+            offer->region.address, offer->region.length, offer->region.key};
+        fresh_staging->local = std::move(**local);
+        fresh_staging->busy.assign(offer->slots, false);
+        if (staging != nullptr) retired.push_back(std::make_unique<Arena>(std::move(staging->local)));
+        rank->staging = std::move(fresh_staging);
+      } else {
+        Log(absl::StrCat("staging off for rank ", info.rank, ": ", local.status().ToString()));
+      }
+    }
     if (first) MarkReady(info.instance, info.rank);
     FinishHandshake(info.control_address, absl::OkStatus());
   }
@@ -938,6 +1183,31 @@ Transceiver::Impl::PeerRank* Transceiver::Impl::FindRank(const std::string& from
   return rank == instance->second.ranks.end() ? nullptr : &rank->second;
 }
 
+absl::StatusOr<std::vector<int64_t>> Transceiver::Impl::ReceiversOf(PeerInstance& instance,
+                                                                    int64_t dp_rank) {
+  auto cached = instance.receivers_by_dp_rank.find(dp_rank);
+  if (cached != instance.receivers_by_dp_rank.end()) return cached->second;
+  absl::StatusOr<std::vector<int64_t>> receivers = std::vector<int64_t>();
+  const int64_t ranks = instance.shape.tp_size * instance.shape.pp_size;
+  for (int64_t r = 0; r < ranks; ++r) {
+    transfer::Topology topology = instance.shape;
+    topology.tp_rank = r % topology.tp_size;
+    topology.pp_rank = r / topology.tp_size;
+    absl::StatusOr<transfer::RankLink> link =
+        transfer::LinkRanks(table.topology, topology, heads, self_dp_rank, dp_rank);
+    if (!link.ok()) {
+      receivers = link.status();
+      break;
+    }
+    if (link->overlaps) receivers->push_back(r);
+  }
+  // A peer naming ever new DP ranks gets answers, not an ever larger cache.
+  if (instance.receivers_by_dp_rank.size() < kMaxCachedDpRanks) {
+    instance.receivers_by_dp_rank.emplace(dp_rank, receivers);
+  }
+  return receivers;
+}
+
 void Transceiver::Impl::HandleRequestData(const std::string& from, const transfer::RequestData& data) {
   PeerRank* peer = self.role == Role::kContext ? FindRank(from, data.receiver_rank) : nullptr;
   if (peer == nullptr) {
@@ -950,22 +1220,14 @@ void Transceiver::Impl::HandleRequestData(const std::string& from, const transfe
   std::vector<SessionAction> actions;
   if (e.instance.empty()) {
     e.instance = peer->info.instance;
-    std::vector<int64_t> receivers_of;
-    const PeerInstance& instance = instances[e.instance];
-    const int64_t ranks = instance.shape.tp_size * instance.shape.pp_size;
-    for (int64_t r = 0; r < ranks; ++r) {
-      transfer::Topology topology = instance.shape;
-      topology.tp_rank = r % topology.tp_size;
-      topology.pp_rank = r / topology.tp_size;
-      absl::StatusOr<transfer::RankLink> link =
-          transfer::LinkRanks(table.topology, topology, heads, self_dp_rank, data.dp_rank);
-      if (!link.ok()) {
-        e.session.Fail(link.status(), &actions);
-        break;
-      }
-      if (link->overlaps) receivers_of.push_back(r);
+    absl::StatusOr<std::vector<int64_t>> receivers_of =
+        ReceiversOf(instances[e.instance], data.dp_rank);
+    if (receivers_of.ok()) {
+      e.session.ExpectReceivers(*receivers_of);
+    } else {
+      e.session.Fail(receivers_of.status(), &actions);
+      e.session.ExpectReceivers({});
     }
-    e.session.ExpectReceivers(std::move(receivers_of));
   }
   if (e.instance != peer->info.instance) {
     // Another instance asks for a request this rank sends elsewhere: refuse it alone.
@@ -1075,6 +1337,27 @@ void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> act
         absl::Status cancelled = transport->CancelTransfer(flight.id);
         if (!cancelled.ok()) Log(cancelled.ToString());
       }
+      // Staged pairs stop staging; their chunks in flight are cancelled and end them.
+      std::vector<StagedJob*> idle;
+      for (auto& [key, job] : e.staged) {
+        if (job->error.ok()) {
+          job->error = absl::AbortedError(absl::StrCat(
+              "staged pair cancelled: request=", job->rid, " slice=", job->slice_id));
+        }
+        job->next = job->fragments.size();
+        if (job->in_flight == 0) idle.push_back(job.get());
+      }
+      for (const auto& [name, instance] : instances) {
+        for (const auto& [rank_id, peer] : instance.ranks) {
+          if (peer.staging == nullptr) continue;
+          for (const auto& [slot, write] : peer.staging->in_flight) {
+            if (write.job->rid != e.session.unique_rid()) continue;
+            absl::Status cancelled = transport->CancelTransfer(write.id);
+            if (!cancelled.ok()) Log(cancelled.ToString());
+          }
+        }
+      }
+      for (StagedJob* job : idle) EndStagedJob(*job);
     }
   }
 }
@@ -1139,18 +1422,19 @@ void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t re
   pairing.dst_start_token = data->dst_start_token;
   pairing.request_id = static_cast<int64_t>(e.session.unique_rid());
   pairing.slice_id = slice_id;
-  absl::StatusOr<std::vector<transfer::GroupPairing>> pairs =
-      transfer::PairSliceBlocks(*slice, dst, pairing);
-  if (!pairs.ok()) return fail(pairs.status());
+  if (absl::Status paired = transfer::PairSliceBlocksInto(*slice, dst, pairing, &pairs);
+      !paired.ok()) {
+    return fail(paired);
+  }
   transfer::PlanContext context;
   context.request_id = static_cast<int64_t>(e.session.unique_rid());
   context.slice_id = slice_id;
   context.src_state_slot = e.state_slot;
   context.dst_state_slot = data->state_slot;
-  absl::Status planned = peer.planner->PlanInto(*pairs, context, &plan);
+  absl::Status planned = peer.planner->PlanInto(pairs, context, &plan);
   if (!planned.ok()) return fail(planned);
   int64_t paired = 0;
-  for (const transfer::GroupPairing& g : *pairs) paired += static_cast<int64_t>(g.src.size());
+  for (const transfer::GroupPairing& g : pairs) paired += static_cast<int64_t>(g.src.size());
   int64_t held = 0;
   for (const transfer::BlockList& list : slice->block_ids_per_layer_group) {
     held += static_cast<int64_t>(list.size());
@@ -1164,6 +1448,22 @@ void Transceiver::Impl::PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t re
     // A replica that only reports, or nothing left to move: an empty write.
     e.session.OnSliceEnded(slice_id, receiver, transfer::SliceOutcomeInfo{}, out);
     return;
+  }
+  // Staged: always when either side's pools are not exposed to RDMA (staging only:
+  // no pool grants, or this rank did not register its pools), else when the writes
+  // are small on average.
+  const bool must_stage = stage_only || peer.grants.empty();
+  const bool small = plan.fragments.size() > 1 &&
+                     plan.total_bytes / plan.fragments.size() < options.staging.threshold_bytes;
+  if (must_stage || (small && peer.staging != nullptr)) {
+    if (peer.staging == nullptr) {
+      return fail(absl::FailedPreconditionError(absl::StrCat(
+          "pair must be staged but the receiver offers no staging: request=",
+          e.session.unique_rid(), " receiver=", receiver)));
+    }
+    StageJob(e, peer, slice_id, receiver);
+    if (!e.first_post.has_value()) e.first_post = planned_at;
+    return;  // The job ends the pair (OnSliceEnded) once its chunks are delivered.
   }
   ops.clear();
   for (const transfer::Fragment& f : plan.fragments) {
@@ -1274,7 +1574,8 @@ void Transceiver::Impl::Fence(const std::string& instance_name, int64_t rank_id)
   absl::StatusOr<transport::PeerId> again = transport->AddPeer(peer.info.transport_address);
   if (again.ok()) {
     peer.peer = *again;
-    transfer::RankInfoReply regrant{self, ++peer.given_epoch, GrantAll(peer)};
+    peer.given_epoch = ++last_epoch;
+    transfer::RankInfoReply regrant{self, peer.given_epoch, GrantAll(peer), OfferStaging(peer)};
     Send(peer.info.control_address, regrant);
   }
   const absl::Time now = absl::Now();
@@ -1297,13 +1598,27 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
     entry->session.Fail(why, &actions);
     RunSender(*entry, std::move(actions));
   }
+  std::vector<StagedJob*> abandoned;
   for (auto& [rank_id, peer] : instance->second.ranks) {
     // Removing the transport peer is the fence; every receiver stops waiting on it.
     absl::Status removed = transport->RemovePeer(peer.peer);
     if (!removed.ok()) Log(removed.ToString());
     channel->Disconnect(peer.info.control_address);
     by_address.erase(peer.info.control_address);
+    // Staged chunks to it are abandoned with it; the arenas go once the transport
+    // lets them go (RetireArenas).
+    if (peer.staging != nullptr) {
+      for (auto& [slot, write] : peer.staging->in_flight) {
+        if (write.job->error.ok()) write.job->error = why;
+        write.job->next = write.job->fragments.size();
+        if (--write.job->in_flight == 0) abandoned.push_back(write.job);
+      }
+      peer.staging->in_flight.clear();
+      retired.push_back(std::make_unique<Arena>(std::move(peer.staging->local)));
+    }
+    if (peer.arena != nullptr) retired.push_back(std::move(peer.arena));
   }
+  for (StagedJob* job : abandoned) EndStagedJob(*job);
   for (auto& [rid, entry] : receivers) {
     if (entry->instance != instance_name) continue;
     std::vector<SessionAction> actions;
@@ -1319,6 +1634,302 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
   ready_ranks.erase(instance_name);
   instance_sizes.erase(instance_name);
   changed.SignalAll();
+}
+
+// --- Staging mode ------------------------------------------------------------------
+
+std::optional<transfer::StagingGrant> Transceiver::Impl::OfferStaging(PeerRank& rank) {
+  const TransceiverOptions::Staging& config = options.staging;
+  if ((config.threshold_bytes == 0 && !stage_only) || config.slots == 0 ||
+      config.slot_bytes == 0) {
+    return std::nullopt;
+  }
+  if (rank.arena == nullptr) {
+    absl::StatusOr<std::unique_ptr<Arena>> arena = MakeArena(config.slot_bytes, config.slots);
+    if (!arena.ok()) {
+      Log(absl::StrCat("staging off for ", rank.info.instance, "/", rank.info.rank, ": ",
+                       arena.status().ToString()));
+      return std::nullopt;
+    }
+    rank.arena = *std::move(arena);
+  }
+  absl::StatusOr<transport::RegionDescriptor> grant =
+      transport->GrantRemoteWrite(rank.arena->region, rank.peer);
+  if (!grant.ok()) {
+    Log(absl::StrCat("staging off for ", rank.info.instance, "/", rank.info.rank, ": ",
+                     grant.status().ToString()));
+    return std::nullopt;
+  }
+  transfer::StagingGrant offer;
+  offer.region = transfer::PoolGrant{grant->address, grant->length, grant->key};
+  offer.slot_bytes = rank.arena->slot_bytes;
+  offer.slots = rank.arena->slots;
+  return offer;
+}
+
+absl::StatusOr<std::unique_ptr<Transceiver::Impl::Arena>> Transceiver::Impl::MakeArena(
+    uint64_t slot_bytes, uint32_t slots) {
+  auto arena = std::make_unique<Arena>();
+  arena->slot_bytes = slot_bytes;
+  arena->slots = slots;
+  const uint64_t bytes = slot_bytes * slots;
+  if (pool_memory == transport::MemoryKind::kCuda) {
+    absl::StatusOr<kernels::PinnedHostBuffer> pinned = kernels::PinnedHostBuffer::Create(bytes);
+    if (!pinned.ok()) return pinned.status();
+    arena->pinned = *std::move(pinned);
+    arena->base = static_cast<char*>(arena->pinned->data());
+    for (uint32_t i = 0; i < slots; ++i) {
+      absl::StatusOr<std::unique_ptr<kernels::DeviceWorkspace>> workspace =
+          kernels::DeviceWorkspace::Create(kMaxChunkFragments);
+      if (!workspace.ok()) return workspace.status();
+      arena->workspaces.push_back(*std::move(workspace));
+    }
+  } else {
+    arena->bytes.reset(new char[bytes]);
+    arena->base = arena->bytes.get();
+  }
+  absl::StatusOr<transport::RegionId> region = transport->RegisterMemory(arena->base, bytes);
+  if (!region.ok()) return region.status();
+  arena->region = *region;
+  return arena;
+}
+
+kernels::Launch Transceiver::Impl::LaunchFor(const Arena& arena, uint32_t slot) const {
+  return arena.workspaces.empty() ? kernels::Launch::Host()
+                                  : kernels::Launch::Cuda(arena.workspaces[slot].get());
+}
+
+void Transceiver::Impl::StageJob(SenderEntry& e, PeerRank& peer, int64_t slice_id,
+                                 int64_t receiver) {
+  auto job = std::make_unique<StagedJob>();
+  job->rid = e.session.unique_rid();
+  job->slice_id = slice_id;
+  job->receiver = receiver;
+  job->fragments = plan.fragments;
+  StagedJob* raw = job.get();
+  e.staged[{slice_id, receiver}] = std::move(job);
+  peer.staging->queue.push_back(raw);
+  PumpStaging(peer);
+}
+
+// Fills every free slot with the next chunk of the oldest job, FIFO over jobs.
+void Transceiver::Impl::PumpStaging(PeerRank& peer) {
+  SendStaging& staging = *peer.staging;
+  Arena& local = staging.local;
+  std::vector<kernels::SrcFragment> sources;
+  while (!staging.queue.empty()) {
+    StagedJob& job = *staging.queue.front();
+    if (job.done()) {
+      staging.queue.pop_front();
+      continue;
+    }
+    uint32_t slot = 0;
+    while (slot < local.slots && staging.busy[slot]) ++slot;
+    if (slot == local.slots) return;  // Every slot waits for its credit.
+    auto entry = senders.find(job.rid);
+    if (entry == senders.end()) {  // Cannot happen: a job ends before its request.
+      staging.queue.pop_front();
+      continue;
+    }
+    // The chunk: fragments (a large one split) until the slot is full.
+    transfer::StagedChunk chunk;
+    chunk.unique_rid = job.rid;
+    chunk.slice_id = job.slice_id;
+    chunk.sender_rank = self.rank;
+    chunk.slot = slot;
+    sources.clear();
+    uint64_t used = 0;
+    while (!job.done() && used < local.slot_bytes && chunk.fragments.size() < kMaxChunkFragments) {
+      const transfer::Fragment& f = job.fragments[job.next];
+      const uint64_t take = std::min(f.bytes - job.next_offset, local.slot_bytes - used);
+      const transfer::Pool& pool = table.pools[f.src_pool];
+      sources.push_back(kernels::SrcFragment{
+          reinterpret_cast<const char*>(pool.base_address) + f.src_offset + job.next_offset, take});
+      chunk.fragments.push_back(
+          transfer::StagedFragment{f.dst_pool, f.dst_offset + job.next_offset, take});
+      used += take;
+      job.next_offset += take;
+      if (job.next_offset == f.bytes) {
+        ++job.next;
+        job.next_offset = 0;
+      }
+    }
+    // The copy is synchronous, but the slot's previous chunk and the other slots'
+    // writes go on meanwhile on the transport's thread.
+    const kernels::Launch launch = LaunchFor(local, slot);
+    absl::Status gathered = kernels::Gather(
+        launch, sources, kernels::StagingBuffer{local.slot(slot), local.slot_bytes}, 0);
+    if (gathered.ok()) gathered = kernels::Wait(launch);
+    absl::StatusOr<transport::TransferId> id =
+        gathered.ok() ? transport->PostWrites(
+                            peer.peer,
+                            {transport::WriteOp{local.region, uint64_t{slot} * local.slot_bytes,
+                                                staging.remote, uint64_t{slot} * local.slot_bytes,
+                                                used}},
+                            entry->second->session.deadline())
+                      : absl::StatusOr<transport::TransferId>(gathered);
+    if (!id.ok()) {
+      // Nothing was posted: the slot stays free, the pair fails.
+      if (job.error.ok()) job.error = id.status();
+      job.next = job.fragments.size();
+      staging.queue.pop_front();
+      if (job.in_flight == 0) EndStagedJob(job);
+      continue;
+    }
+    staging.busy[slot] = true;
+    ++job.in_flight;
+    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used};
+  }
+}
+
+void Transceiver::Impl::PollStaging() {
+  std::vector<StagedJob*> ended;
+  for (auto& [name, instance] : instances) {
+    for (auto& [rank_id, peer] : instance.ranks) {
+      if (peer.staging == nullptr || peer.staging->in_flight.empty()) continue;
+      SendStaging& staging = *peer.staging;
+      for (auto it = staging.in_flight.begin(); it != staging.in_flight.end();) {
+        absl::StatusOr<transport::TransferStatus> status = transport->PollTransfer(it->second.id);
+        if (status.ok() && !status->final()) {
+          ++it;
+          continue;
+        }
+        StagedWrite& write = it->second;
+        StagedJob& job = *write.job;
+        --job.in_flight;
+        if (status.ok() && status->state == transport::TransferState::kDone) {
+          // Delivered: now the receiver may scatter it. The slot stays busy until
+          // its credit says it did.
+          ++job.chunks;
+          job.bytes += write.bytes;
+          Send(peer.info.control_address, write.chunk);
+        } else {
+          // Never scattered (no StagedChunk goes out), so no byte of it reaches the
+          // receiver's pools: the pair's failure is settled. The slot is usable again
+          // only if nothing can still land in it.
+          const bool settled = status.ok() && status->target_settled;
+          if (settled) staging.busy[it->first] = false;
+          if (job.error.ok()) {
+            job.error = status.ok() ? status->error : status.status();
+            job.next = job.fragments.size();
+          }
+        }
+        if (job.in_flight == 0 && (job.done() || !job.error.ok())) ended.push_back(&job);
+        it = staging.in_flight.erase(it);
+      }
+      PumpStaging(peer);
+    }
+  }
+  for (StagedJob* job : ended) EndStagedJob(*job);
+}
+
+void Transceiver::Impl::EndStagedJob(StagedJob& job) {
+  auto entry = senders.find(job.rid);
+  if (entry == senders.end()) return;
+  SenderEntry& e = *entry->second;
+  auto owned = e.staged.find({job.slice_id, job.receiver});
+  if (owned == e.staged.end() || owned->second.get() != &job) return;
+  // Off every queue before it goes.
+  for (auto& [name, instance] : instances) {
+    for (auto& [rank_id, peer] : instance.ranks) {
+      if (peer.staging == nullptr) continue;
+      std::deque<StagedJob*>& queue = peer.staging->queue;
+      queue.erase(std::remove(queue.begin(), queue.end(), &job), queue.end());
+    }
+  }
+  transfer::SliceOutcomeInfo outcome;
+  outcome.status = job.error;
+  outcome.settled = true;
+  outcome.bytes = job.bytes;
+  outcome.writes = job.chunks;
+  if (job.error.ok()) {
+    e.metrics.bytes += job.bytes;
+    e.metrics.writes += job.chunks;
+    e.metrics.transfer = absl::Now() - e.first_post.value_or(absl::Now());
+    MutexLock lock(&mu);
+    metrics.staged_chunks += job.chunks;
+  }
+  const int64_t slice_id = job.slice_id;
+  const int64_t receiver = job.receiver;
+  e.staged.erase(owned);
+  std::vector<SessionAction> actions;
+  e.session.OnSliceEnded(slice_id, receiver, outcome, &actions);
+  RunSender(e, std::move(actions));
+}
+
+void Transceiver::Impl::RetireArenas() {
+  for (auto it = retired.begin(); it != retired.end();) {
+    absl::Status freed = transport->DeregisterMemory((*it)->region);
+    if (freed.ok() || absl::IsNotFound(freed)) {
+      it = retired.erase(it);
+    } else {
+      ++it;  // Still read by a transfer that has not quiesced, or still granted.
+    }
+  }
+}
+
+void Transceiver::Impl::HandleStagedChunk(const std::string& from,
+                                          const transfer::StagedChunk& chunk) {
+  PeerRank* peer = self.role == Role::kGeneration ? FindRank(from, chunk.sender_rank) : nullptr;
+  if (peer == nullptr || peer->arena == nullptr || chunk.slot >= peer->arena->slots) {
+    CountBad(absl::StrCat("staged chunk from an unknown rank or slot: from=", from,
+                          " slot=", chunk.slot));
+    return;
+  }
+  const Arena& arena = *peer->arena;
+  // Scatter only into a request that still waits on this sender: a late chunk of a
+  // request that ended must not touch pages that may belong to another one now.
+  auto entry = receivers.find(chunk.unique_rid);
+  const bool wanted = entry != receivers.end() &&
+                      entry->second->instance == peer->info.instance &&
+                      entry->second->session.waits_on(chunk.sender_rank);
+  std::vector<kernels::DstFragment> targets;
+  uint64_t total = 0;
+  bool valid = true;
+  for (const transfer::StagedFragment& f : chunk.fragments) {
+    const bool pool_ok = f.pool >= 0 && static_cast<size_t>(f.pool) < table.pools.size();
+    const uint64_t pool_bytes =
+        pool_ok ? table.pools[f.pool].slot_bytes * static_cast<uint64_t>(table.pools[f.pool].num_slots)
+                : 0;
+    if (!pool_ok || f.offset > pool_bytes || f.bytes > pool_bytes - f.offset ||
+        f.bytes > arena.slot_bytes - total) {
+      valid = false;
+      break;
+    }
+    total += f.bytes;
+    targets.push_back(kernels::DstFragment{
+        reinterpret_cast<char*>(table.pools[f.pool].base_address) + f.offset, f.bytes});
+  }
+  if (!valid) {
+    CountBad(absl::StrCat("staged chunk outside this rank's pools or its slot: from=", from,
+                          " request=", chunk.unique_rid));
+  } else if (wanted) {
+    const kernels::Launch launch = LaunchFor(arena, chunk.slot);
+    absl::Status scattered = kernels::Scatter(
+        launch, kernels::StagingBuffer{arena.slot(chunk.slot), arena.slot_bytes}, 0, targets);
+    if (scattered.ok()) scattered = kernels::Wait(launch);
+    if (!scattered.ok()) Log(scattered.ToString());
+    MutexLock lock(&mu);
+    ++metrics.staged_chunks;
+  } else {
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+  }
+  // Scattered or not, the slot is free again.
+  Send(peer->info.control_address, transfer::StagingCredit{self.rank, chunk.slot});
+}
+
+void Transceiver::Impl::HandleStagingCredit(const std::string& from,
+                                            const transfer::StagingCredit& credit) {
+  PeerRank* peer = self.role == Role::kContext ? FindRank(from, credit.receiver_rank) : nullptr;
+  if (peer == nullptr || peer->staging == nullptr || credit.slot >= peer->staging->busy.size() ||
+      peer->staging->in_flight.count(credit.slot) > 0) {
+    CountBad(absl::StrCat("staging credit for an unknown rank or slot: from=", from,
+                          " slot=", credit.slot));
+    return;
+  }
+  peer->staging->busy[credit.slot] = false;
+  PumpStaging(*peer);
 }
 
 RequestStatus Transceiver::Impl::StatusOf(const SenderEntry& e) const {
@@ -1357,7 +1968,7 @@ void Transceiver::Impl::Publish() {
       // task for cancel_memory, so the task ends at once the same way.
       SenderEntry& e = *s->second;
       statuses.push_back(StatusOf(e));
-      if (transfer::IsFinal(e.session.state()) && e.in_flight.empty()) {
+      if (transfer::IsFinal(e.session.state()) && e.in_flight.empty() && e.staged.empty()) {
         if (e.has_task) {
           // Receivers that ask after a cancel must hear it at once (their request
           // data would otherwise wait for a task that never comes): remember it.

@@ -86,6 +86,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cache_reuse/adapter.h"
+#include "transfer/control_security.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/session.h"
@@ -103,6 +104,12 @@ struct TransceiverOptions {
   Role role = Role::kContext;
   // The control plane's ZeroMQ endpoint (port 0: any free one).
   std::string control_bind = "tcp://127.0.0.1:0";
+  // Who may talk to the control plane: off (default), or CURVE with this
+  // instance's keys and the allowlist of peer instances (transfer/CONTROL_PLANE.md;
+  // LoadCurveSecurity in transfer/curve_key_files.h reads a key directory). With
+  // CURVE a peer rank is accepted only under the instance name its key is tied to,
+  // and AddPeerInstance must name the instance it adds.
+  transfer::ControlSecurity control_security;
   // A request that names no timeout ends in kError (DeadlineExceeded) after this.
   absl::Duration default_request_timeout = absl::Seconds(60);
   // After a generation-side failure, how long senders get to report before they
@@ -114,6 +121,29 @@ struct TransceiverOptions {
   absl::Duration request_data_ttl = absl::Seconds(60);
   // Requests tracked at once (ResourceExhausted past it).
   size_t max_requests = 65536;
+
+  // Affect performance.
+  // Staging mode (gather, one write, scatter) for a (slice, rank pair) whose
+  // planned writes are small: when their average size is below `threshold_bytes`,
+  // the sender gathers them into a staging slot, writes the slot in one write, and
+  // the receiver scatters it. 0 turns staging off (unless `only`).
+  struct Staging {
+    uint64_t threshold_bytes = 16 << 10;
+    // Per peer rank, on each side: slots of slot_bytes. A sender waits for a free
+    // slot (the receiver's credit) and never overwrites one not yet scattered.
+    uint32_t slots = 4;
+    uint64_t slot_bytes = uint64_t{4} << 20;
+    // A sender refuses a peer's staging offer larger than this (it allocates as much).
+    uint64_t max_arena_bytes = uint64_t{64} << 20;
+    // Never let peers write the pools directly: the pools are not registered with
+    // the transport, and every pair is staged. Chosen by itself (and said in the
+    // log) for CUDA pools the transport cannot register (no FI_HMEM / GPUDirect
+    // RDMA, as Debian's libfabric): staging then goes through pinned host memory,
+    // gathered and scattered by the CUDA kernels, each chunk's copy overlapping the
+    // previous chunk's write.
+    bool only = false;
+  };
+  Staging staging;
 };
 
 // Creates a rank's transport endpoint from `options`.
@@ -202,6 +232,7 @@ struct TransceiverMetrics {
   int64_t writes = 0;
   int64_t handshakes = 0;
   int64_t fences = 0;
+  int64_t staged_chunks = 0;    // staging mode: chunks delivered (sender) or scattered
   int64_t bad_messages = 0;     // undecodable, or contradicting what is known
   int64_t dropped_messages = 0; // for unknown requests or from unknown ranks
 };
@@ -214,7 +245,10 @@ class Transceiver {
   ABSL_MUST_USE_RESULT static absl::StatusOr<std::unique_ptr<Transceiver>> Create(
       const TransceiverOptions& options, RankSetup setup);
 
-  // Fails every request that is not final (Aborted), then stops.
+  // Stops: every peer of a request that is not final hears that this rank is going
+  // away (a Cancel, or FAILED results for pairs in flight), so none waits for its
+  // deadline; the transport then ends what is in flight. Requests not collected
+  // are dropped.
   ~Transceiver();
   Transceiver(const Transceiver&) = delete;
   Transceiver& operator=(const Transceiver&) = delete;
@@ -229,9 +263,18 @@ class Transceiver {
   // grants), so the first request is not slow. Returns when every rank answered.
   // Errors: Unavailable naming the ranks that did not answer by `deadline`;
   // FailedPrecondition when a rank is incompatible (the field that differs) or has
-  // the same role as this one; InvalidArgument for an empty list.
+  // the same role as this one; InvalidArgument for an empty list, and with CURVE
+  // when no instance is named.
   ABSL_MUST_USE_RESULT absl::Status AddPeerInstance(
       absl::Span<const std::string> control_addresses, absl::Time deadline);
+  // The same, naming the instance listening at `control_addresses`: with CURVE the
+  // handshake goes out sealed for that instance's public key, so only it can read
+  // this rank's page table, addresses and grants (with security off the name is
+  // not used). Errors: as above; with CURVE also NotFound when `instance` is not in
+  // the allowlist, FailedPrecondition when an address is known as another instance.
+  ABSL_MUST_USE_RESULT absl::Status AddPeerInstance(
+      absl::string_view instance, absl::Span<const std::string> control_addresses,
+      absl::Time deadline);
 
   // Forgets a peer instance: its requests with this rank fail (Unavailable), its
   // ranks are fenced and disconnected. It may be added again (a restarted instance).

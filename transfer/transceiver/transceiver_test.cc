@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,14 +23,18 @@
 #include "gtest/gtest.h"
 #include "testing/fake_cache_managers.h"
 #include "testing/status_matchers.h"
+#include "transfer/control_security.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/scenario.h"
 #include "transfer/session.h"
 #include "transfer/slice.h"
 #include "transfer/topology.h"
+#include "transfer/control_channel.h"
+#include "transport/fault_injecting_transport.h"
 #include "transport/loopback/loopback_transport.h"
 #include "transport/transport.h"
+#include "zmq.hpp"
 
 namespace kvx::transceiver {
 namespace {
@@ -41,6 +46,19 @@ constexpr unsigned char kGuard = 0xEE;
 constexpr int64_t kSlots = 64;
 
 absl::Time In(absl::Duration d) { return absl::Now() + d; }
+
+// The context engine's task for a request (or one chunk of it).
+ContextRequest Task(uint64_t rid, int64_t prompt_len, int64_t slice_id = 0,
+                    std::optional<transfer::TokenRange> range = std::nullopt,
+                    std::vector<int64_t> aux = {}) {
+  ContextRequest task;
+  task.unique_rid = rid;
+  task.prompt_len = prompt_len;
+  task.slice_id = slice_id;
+  task.token_range = range;
+  task.aux_tokens = std::move(aux);
+  return task;
+}
 
 // Two layers, two KV heads of size 2 in bf16, 4 tokens per block: one K or V head
 // of one block is 16 bytes.
@@ -68,7 +86,10 @@ struct Rank {
 };
 
 std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
-                               const transfer::Topology& topology) {
+                               const transfer::Topology& topology,
+                               TransportFactory create_transport = nullptr,
+                               const TransceiverOptions::Staging* staging = nullptr,
+                               const transfer::ControlSecurity& security = {}) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -89,14 +110,18 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   RankSetup setup;
   setup.page_table = rank->table;
   setup.adapter = rank->adapter.get();
-  setup.create_transport = [](const transport::EndpointOptions& options) {
-    return transport::CreateLoopbackTransport(options);
-  };
+  setup.create_transport = create_transport != nullptr
+                               ? std::move(create_transport)
+                               : [](const transport::EndpointOptions& options) {
+                                   return transport::CreateLoopbackTransport(options);
+                                 };
   TransceiverOptions options;
   options.instance = instance;
   options.role = role;
   options.default_request_timeout = absl::Seconds(20);
   options.report_grace = absl::Milliseconds(500);
+  if (staging != nullptr) options.staging = *staging;
+  options.control_security = security;
   absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
   EXPECT_OK(t.status());
   if (!t.ok()) return nullptr;
@@ -199,7 +224,7 @@ TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
   // The generation side holds the first two blocks already (8 committed tokens).
   generation_->manager.AddRequestFromTables(rid, 8, {{20, 21, 22, 23}});
   Fill(*context_, rid, {0, 1, 2, 3});
-  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
   GenerationRequest receive;
   receive.unique_rid = rid;
   receive.prompt_len = 16;
@@ -226,9 +251,9 @@ TEST_F(TransceiverTest, ChunkedRequestCompletesWithTheLastSlice) {
   receive.slices = {transfer::TokenRange::Create(0, 6).value(),
                     transfer::TokenRange::Create(6, 16).value()};
   ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
-  ContextRequest first{rid, 16, 0, transfer::TokenRange::Create(0, 6).value()};
+  ContextRequest first = Task(rid, 16, 0, transfer::TokenRange::Create(0, 6).value());
   ASSERT_OK(context_->transceiver->RespondAndSendAsync(first));
-  ContextRequest second{rid, 16, 1, transfer::TokenRange::Create(6, 16).value(), {5}};
+  ContextRequest second = Task(rid, 16, 1, transfer::TokenRange::Create(6, 16).value(), {5});
   ASSERT_OK(context_->transceiver->RespondAndSendAsync(second));
   const RequestStatus got = OneGen();
   EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
@@ -251,7 +276,7 @@ TEST_F(TransceiverTest, CancelBeforeTheContextSideKnowsTheRequest) {
   const RequestStatus got = OneGen();
   EXPECT_EQ(got.state, SessionState::kCancelled);
   // The context engine's task comes later: it ends cancelled and writes nothing.
-  ASSERT_OK(context_->transceiver->RespondAndSendAsync({rid, 16}));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
   const RequestStatus sent = OneContext();
   EXPECT_THAT(sent.state, ::testing::AnyOf(SessionState::kCancelled, SessionState::kError));
   for (int64_t slot : {40, 41, 42, 43}) EXPECT_TRUE(Untouched(*generation_, slot));
@@ -301,6 +326,261 @@ TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) 
     EXPECT_NE(got[0].state, SessionState::kFullyTransferred);
     EXPECT_THAT(got[0].error, StatusIs(absl::StatusCode::kAborted));
     for (int64_t slot : {50, 51, 52, 53}) EXPECT_TRUE(Untouched(*generation_, slot));
+TEST_F(TransceiverTest, WholePromptCachedStillCompletes) {
+  const uint64_t rid = 22;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, 16, {{50, 51, 52, 53}});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16, 0, std::nullopt, {3})));
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kFullyTransferred) << got.error;
+  EXPECT_THAT(got.aux_tokens, ElementsAre(3));
+  EXPECT_EQ(OneContext().metrics.bytes, 0u);
+  for (int64_t slot : {50, 51, 52, 53}) EXPECT_TRUE(Untouched(*generation_, slot));
+}
+
+TEST_F(TransceiverTest, HandshakesRepeatFromEitherSide) {
+  // Added again from the generation side, and from the context side: nothing changes
+  // and requests still flow.
+  ASSERT_OK(generation_->transceiver->AddPeerInstance({context_->transceiver->control_address()},
+                                                      In(absl::Seconds(10))));
+  ASSERT_OK(context_->transceiver->AddPeerInstance({generation_->transceiver->control_address()},
+                                                   In(absl::Seconds(10))));
+  const uint64_t rid = 23;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{4, 5, 6, 7}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{54, 55, 56, 57}});
+  Fill(*context_, rid, {4, 5, 6, 7});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {54, 55, 56, 57}, *context_, {4, 5, 6, 7}));
+  EXPECT_EQ(generation_->transceiver->metrics().fences, 0);
+}
+
+TEST(TransceiverContextFirstTest, ContextSideHandshakeIsEnoughForBoth) {
+  std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}));
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
+  ASSERT_OK(context->transceiver->AddPeerInstance({generation->transceiver->control_address()},
+                                                  In(absl::Seconds(10))));
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1}});
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{2, 3}});
+  Fill(*context, 1, {0, 1});
+  GenerationRequest receive;
+  receive.unique_rid = 1;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
+  std::vector<RequestStatus> done =
+      generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+  EXPECT_TRUE(SameSlots(*generation, {2, 3}, *context, {0, 1}));
+}
+
+// A sender whose writes fail without it knowing whether they landed (a lost
+// connection) reports unsettled; the receiver fences it before the request is final,
+// gives it fresh grants, and the next request works.
+TEST(TransceiverFenceTest, UnsettledFailureIsFencedThenTheNextRequestFlows) {
+  transport::FaultInjectingTransport* faults = nullptr;
+  std::unique_ptr<Rank> context = MakeRank(
+      "prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+      [&faults](const transport::EndpointOptions& options)
+          -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
+        absl::StatusOr<std::unique_ptr<transport::Transport>> inner =
+            transport::CreateLoopbackTransport(options);
+        if (!inner.ok()) return inner.status();
+        auto wrapped = std::make_unique<transport::FaultInjectingTransport>(*std::move(inner));
+        faults = wrapped.get();
+        return wrapped;
+      });
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
+  ASSERT_NE(faults, nullptr);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1}});
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{2, 3}});
+  faults->DelayCompletions(absl::Hours(1));  // Its writes never report...
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
+  GenerationRequest receive;
+  receive.unique_rid = 1;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_TRUE(absl::IsNotFound(generation->transceiver->GetStatus(99).status()));
+  // Posted (the sender says TRANSFERRING once its writes are queued) ...
+  const absl::Time give_up = In(absl::Seconds(20));
+  absl::StatusOr<RequestStatus> sending = context->transceiver->GetStatus(1);
+  while (sending.ok() && sending->state < SessionState::kTransferring && absl::Now() < give_up) {
+    context->transceiver->CheckContextTransferStatus(1, In(absl::Milliseconds(5)));
+    sending = context->transceiver->GetStatus(1);
+  }
+  ASSERT_OK(sending.status());
+  ASSERT_EQ(sending->state, SessionState::kTransferring);
+  // ... until the connection is "lost": unsettled.
+  faults->DropAllPeers();
+  std::vector<RequestStatus> done =
+      generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kError) << done[0].error;
+  EXPECT_EQ(generation->transceiver->metrics().fences, 1) << done[0].error;
+
+  // Fresh grants under a new epoch: the next request moves every byte.
+  faults->ClearFaults();
+  context->manager.AddRequestFromTables(2, std::nullopt, {{4, 5}});
+  generation->manager.AddRequestFromTables(2, std::nullopt, {{6, 7}});
+  Fill(*context, 2, {4, 5});
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(2, 8, 0, std::nullopt)));
+  receive.unique_rid = 2;
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  done = generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+  EXPECT_TRUE(SameSlots(*generation, {6, 7}, *context, {4, 5}));
+}
+
+TEST_F(TransceiverTest, RemovedInstanceFailsItsRequestsAndCanComeBack) {
+  const uint64_t rid = 24;
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{58, 59, 60, 61}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(generation_->transceiver->RemovePeerInstance("prefill"));
+  const RequestStatus got = OneGen();
+  EXPECT_EQ(got.state, SessionState::kError);
+  EXPECT_THAT(got.error, StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(generation_->transceiver->RemovePeerInstance("prefill"),
+              StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(generation_->transceiver->AddPeerInstance({context_->transceiver->control_address()},
+                                                      In(absl::Seconds(10))));
+  const uint64_t again = 25;
+  context_->manager.AddRequestFromTables(again, std::nullopt, {{8, 9, 10, 11}});
+  generation_->manager.AddRequestFromTables(again, std::nullopt, {{58, 59, 60, 61}});
+  Fill(*context_, again, {8, 9, 10, 11});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(again, 16)));
+  receive.unique_rid = again;
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {58, 59, 60, 61}, *context_, {8, 9, 10, 11}));
+}
+
+TEST_F(TransceiverTest, GarbageAndStrayMessagesAreCountedAndChangeNothing) {
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<transfer::ControlChannel> stranger,
+                       transfer::ControlChannel::Create(transfer::ControlChannelOptions{}));
+  const std::string target = generation_->transceiver->control_address();
+  ASSERT_OK(stranger->Send(target, "not msgpack at all"));
+  transfer::SliceResult forged;
+  forged.unique_rid = 26;
+  forged.outcome = transfer::SliceOutcome::kSuccess;
+  ASSERT_OK(stranger->Send(target, transfer::EncodeMessage(forged)));  // from no known rank
+  const uint64_t rid = 26;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{12, 13, 14, 15}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{62, 63, 0, 1}});
+  Fill(*context_, rid, {12, 13, 14, 15});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_OK(stranger->Send(target, transfer::EncodeMessage(forged)));
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_TRUE(SameSlots(*generation_, {62, 63, 0, 1}, *context_, {12, 13, 14, 15}));
+  // The stranger's messages race the request on another connection: wait for them.
+  const absl::Time give_up = In(absl::Seconds(10));
+  TransceiverMetrics m = generation_->transceiver->metrics();
+  while ((m.bad_messages < 1 || m.dropped_messages < 2) && absl::Now() < give_up) {
+    generation_->transceiver->CheckGenTransferStatus(1, In(absl::Milliseconds(10)));
+    m = generation_->transceiver->metrics();
+  }
+  EXPECT_GE(m.bad_messages, 1);
+  EXPECT_GE(m.dropped_messages, 2);
+}
+
+// Staging mode: scattered blocks (one small write each) are gathered into slots
+// smaller than three blocks, so chunks split blocks and slots cycle on credits.
+TEST(TransceiverStagingTest, SmallWritesGoThroughStagingSlotsByteExact) {
+  TransceiverOptions::Staging staging;
+  staging.threshold_bytes = 1 << 20;  // Every pair stages.
+  staging.slots = 2;
+  staging.slot_bytes = 600;           // Not a multiple of a 128-byte block.
+  std::unique_ptr<Rank> context =
+      MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, &staging);
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, &staging);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  const std::vector<int64_t> src = {0, 2, 4, 6, 8, 10, 12, 14};
+  const std::vector<int64_t> dst = {31, 29, 27, 25, 23, 21, 19, 17};
+  for (uint64_t rid : {1, 2, 3}) {
+    SCOPED_TRACE(rid);
+    context->manager.AddRequestFromTables(rid, std::nullopt, {src});
+    generation->manager.AddRequestFromTables(rid, std::nullopt, {dst});
+    Fill(*context, rid, src);
+    ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(rid, 32)));
+    GenerationRequest receive;
+    receive.unique_rid = rid;
+    receive.prompt_len = 32;
+    receive.context_instance = "prefill";
+    ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+    std::vector<RequestStatus> done =
+        generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation, dst, *context, src));
+    EXPECT_TRUE(Untouched(*generation, 30));
+  }
+  // 8 blocks in 600-byte slots, blocks split across chunks where they straddle.
+  const int64_t chunks = transfer::CeilDiv(8 * static_cast<int64_t>(context->slot_bytes()), 600);
+  ASSERT_GT(chunks, 1);
+  EXPECT_EQ(context->transceiver->metrics().staged_chunks, 3 * chunks);
+  EXPECT_EQ(generation->transceiver->metrics().staged_chunks, 3 * chunks);
+}
+
+// Staging only: a rank whose pools are never exposed to RDMA (the path CUDA pools
+// take without FI_HMEM, here on host memory). Every pair is staged whatever its
+// write size, from either side's choice.
+TEST(TransceiverStagingTest, StagingOnlyRanksNeverExposeTheirPools) {
+  for (bool on_generation : {true, false}) {
+    SCOPED_TRACE(on_generation ? "generation stages only" : "context stages only");
+    TransceiverOptions::Staging only;
+    only.only = true;
+    only.slot_bytes = 4096;
+    std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+                                             nullptr, on_generation ? nullptr : &only);
+    std::unique_ptr<Rank> generation =
+        MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr,
+                 on_generation ? &only : nullptr);
+    ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                       In(absl::Seconds(10))));
+    // Contiguous blocks: one large write if it were not staged.
+    context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1, 2, 3}});
+    generation->manager.AddRequestFromTables(1, std::nullopt, {{4, 5, 6, 7}});
+    Fill(*context, 1, {0, 1, 2, 3});
+    ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 16)));
+    GenerationRequest receive;
+    receive.unique_rid = 1;
+    receive.prompt_len = 16;
+    receive.context_instance = "prefill";
+    ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+    std::vector<RequestStatus> done =
+        generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation, {4, 5, 6, 7}, *context, {0, 1, 2, 3}));
+    EXPECT_GE(context->transceiver->metrics().staged_chunks, 1);
   }
 }
 
@@ -314,6 +594,151 @@ TEST_F(TransceiverTest, SidesAreTyped) {
               StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(generation_->transceiver->RespondAndSendAsync(ContextRequest{}),
               StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// --- CURVE (transfer/CONTROL_PLANE.md) ---------------------------------------------
+
+transfer::ControlSecurity Curve(const transfer::CurveKeyPair& keys,
+                                std::map<std::string, std::string> peers) {
+  transfer::ControlSecurity security;
+  security.mode = transfer::ControlSecurity::Mode::kCurve;
+  security.keys = keys;
+  security.peers = std::move(peers);
+  return security;
+}
+
+// "prefill" and "decode" allow each other; decode also allows "mallory", an
+// instance it knows, which will claim to be "prefill".
+class CurveTransceiverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    prefill_keys_ = transfer::GenerateCurveKeyPair().value();
+    decode_keys_ = transfer::GenerateCurveKeyPair().value();
+    mallory_keys_ = transfer::GenerateCurveKeyPair().value();
+    context_ = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+                        Curve(prefill_keys_, {{"decode", decode_keys_.public_key}}));
+    generation_ = MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+                           Curve(decode_keys_, {{"prefill", prefill_keys_.public_key},
+                                                {"mallory", mallory_keys_.public_key}}));
+    ASSERT_NE(context_, nullptr);
+    ASSERT_NE(generation_, nullptr);
+  }
+
+  // Decode asks prefill for 16 tokens into slots 10..13.
+  absl::Status Receive(uint64_t rid) {
+    generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11, 12, 13}});
+    GenerationRequest receive;
+    receive.unique_rid = rid;
+    receive.prompt_len = 16;
+    receive.context_instance = "prefill";
+    return generation_->transceiver->RequestAndReceiveAsync(receive);
+  }
+
+  // Prefill sends them from slots 0..3; decode must then hold every byte.
+  void ExpectSentAndReceived(uint64_t rid) {
+    context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+    Fill(*context_, rid, {0, 1, 2, 3});
+    ContextRequest send;
+    send.unique_rid = rid;
+    send.prompt_len = 16;
+    ASSERT_OK(context_->transceiver->RespondAndSendAsync(send));
+    std::vector<RequestStatus> done =
+        generation_->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
+    EXPECT_TRUE(SameSlots(*generation_, {10, 11, 12, 13}, *context_, {0, 1, 2, 3}));
+  }
+
+  void ExpectOneRequestMoves(uint64_t rid) {
+    ASSERT_OK(Receive(rid));
+    ExpectSentAndReceived(rid);
+  }
+
+  transfer::CurveKeyPair prefill_keys_, decode_keys_, mallory_keys_;
+  std::unique_ptr<Rank> context_;
+  std::unique_ptr<Rank> generation_;
+};
+
+TEST_F(CurveTransceiverTest, AllowedInstancesHandshakeAndMoveKV) {
+  const std::vector<std::string> prefill = {context_->transceiver->control_address()};
+  // The handshake must be sealed for a named instance's key.
+  EXPECT_THAT(generation_->transceiver->AddPeerInstance(prefill, In(absl::Seconds(10))),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(generation_->transceiver->AddPeerInstance("stranger", prefill,
+                                                        In(absl::Seconds(10))),
+              StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(generation_->transceiver->AddPeerInstance("prefill", prefill, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(31);
+  EXPECT_EQ(generation_->transceiver->metrics().bad_messages, 0);
+}
+
+TEST_F(CurveTransceiverTest, PeerClaimingAnotherInstanceLearnsNothing) {
+  // Mallory holds a key decode allows, but calls itself "prefill".
+  std::unique_ptr<Rank> mallory =
+      MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+               Curve(mallory_keys_, {{"decode", decode_keys_.public_key}}));
+  ASSERT_NE(mallory, nullptr);
+  const std::vector<std::string> decode = {generation_->transceiver->control_address()};
+  // Decode refuses its rank info without an answer: no page table, address or
+  // grant comes back, so the handshake can only run out of time.
+  EXPECT_THAT(mallory->transceiver->AddPeerInstance("decode", decode, In(absl::Seconds(2))),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(mallory->transceiver->metrics().handshakes, 0);
+  EXPECT_GE(generation_->transceiver->metrics().bad_messages, 1);
+  // Nor did decode take it for the real prefill.
+  EXPECT_THAT(Receive(32),
+              StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("not added")));
+  // The real one is still welcome.
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(33);
+}
+
+TEST_F(CurveTransceiverTest, InstanceOutsideTheAllowlistLearnsNothing) {
+  const transfer::CurveKeyPair outsider_keys = transfer::GenerateCurveKeyPair().value();
+  std::unique_ptr<Rank> outsider =
+      MakeRank("prefill-9", Role::kContext, transfer::MakeTopology(1, {2}), nullptr, nullptr,
+               Curve(outsider_keys, {{"decode", decode_keys_.public_key}}));
+  ASSERT_NE(outsider, nullptr);
+  EXPECT_THAT(outsider->transceiver->AddPeerInstance(
+                  "decode", {generation_->transceiver->control_address()}, In(absl::Seconds(2))),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(outsider->transceiver->metrics().handshakes, 0);
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  ExpectOneRequestMoves(34);
+}
+
+TEST_F(CurveTransceiverTest, MessageFromAnotherInstancesAddressIsDropped) {
+  ASSERT_OK(generation_->transceiver->AddPeerInstance(
+      "prefill", {context_->transceiver->control_address()}, In(absl::Seconds(10))));
+  const uint64_t rid = 36;
+  ASSERT_OK(Receive(rid));
+  // Mallory, with its own allowed key, sends a cancel from prefill's address.
+  zmq::context_t context;
+  zmq::socket_t forger(context, zmq::socket_type::dealer);
+  forger.set(zmq::sockopt::linger, 0);
+  forger.set(zmq::sockopt::routing_id, context_->transceiver->control_address());
+  forger.set(zmq::sockopt::curve_serverkey, decode_keys_.public_key);
+  forger.set(zmq::sockopt::curve_publickey, mallory_keys_.public_key);
+  forger.set(zmq::sockopt::curve_secretkey, mallory_keys_.secret_key);
+  forger.connect(generation_->transceiver->control_address());
+  transfer::Cancel cancel;
+  cancel.unique_rid = rid;
+  cancel.sender_rank = 0;
+  cancel.from = Role::kContext;
+  cancel.reason = "forged";
+  const std::string bytes = transfer::EncodeMessage(cancel);
+  ASSERT_TRUE(forger.send(zmq::buffer(bytes), zmq::send_flags::none));
+  // Accepted, the cancel would end the request at once; refused, it is counted.
+  const absl::Time deadline = In(absl::Seconds(20));
+  while (generation_->transceiver->metrics().bad_messages < 1 && absl::Now() < deadline) {
+    ASSERT_THAT(generation_->transceiver->CheckGenTransferStatus(1, In(absl::Milliseconds(20))),
+                ::testing::IsEmpty());
+  }
+  ASSERT_EQ(generation_->transceiver->metrics().bad_messages, 1);
+  // The request goes on, from the real prefill.
+  ExpectSentAndReceived(rid);
 }
 
 }  // namespace
