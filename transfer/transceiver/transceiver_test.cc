@@ -326,6 +326,9 @@ TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) 
     EXPECT_NE(got[0].state, SessionState::kFullyTransferred);
     EXPECT_THAT(got[0].error, StatusIs(absl::StatusCode::kAborted));
     for (int64_t slot : {50, 51, 52, 53}) EXPECT_TRUE(Untouched(*generation_, slot));
+  }
+}
+
 TEST_F(TransceiverTest, WholePromptCachedStillCompletes) {
   const uint64_t rid = 22;
   context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
