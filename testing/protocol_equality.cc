@@ -70,9 +70,9 @@ bool operator==(const RequestData& a, const RequestData& b) {
 }
 bool operator==(const SliceResult& a, const SliceResult& b) {
   return std::tie(a.unique_rid, a.slice_id, a.sender_rank, a.outcome, a.is_last_slice,
-                  a.code, a.reason, a.settled, a.bytes, a.writes) ==
+                  a.code, a.reason, a.settled, a.bytes, a.writes, a.staged_chunks) ==
          std::tie(b.unique_rid, b.slice_id, b.sender_rank, b.outcome, b.is_last_slice,
-                  b.code, b.reason, b.settled, b.bytes, b.writes);
+                  b.code, b.reason, b.settled, b.bytes, b.writes, b.staged_chunks);
 }
 bool operator==(const AuxTokens& a, const AuxTokens& b) {
   return std::tie(a.unique_rid, a.sender_rank, a.aux_slot, a.tokens) ==
@@ -82,11 +82,11 @@ bool operator==(const StagedFragment& a, const StagedFragment& b) {
   return std::tie(a.pool, a.offset, a.bytes) == std::tie(b.pool, b.offset, b.bytes);
 }
 bool operator==(const StagedChunk& a, const StagedChunk& b) {
-  return std::tie(a.unique_rid, a.slice_id, a.sender_rank, a.slot, a.fragments) ==
-         std::tie(b.unique_rid, b.slice_id, b.sender_rank, b.slot, b.fragments);
+  return std::tie(a.unique_rid, a.slice_id, a.sender_rank, a.slot, a.seq, a.fragments) ==
+         std::tie(b.unique_rid, b.slice_id, b.sender_rank, b.slot, b.seq, b.fragments);
 }
 bool operator==(const StagingCredit& a, const StagingCredit& b) {
-  return std::tie(a.receiver_rank, a.slot) == std::tie(b.receiver_rank, b.slot);
+  return std::tie(a.receiver_rank, a.slot, a.seq) == std::tie(b.receiver_rank, b.slot, b.seq);
 }
 bool operator==(const Cancel& a, const Cancel& b) {
   return std::tie(a.unique_rid, a.sender_rank, a.from, a.reason) ==

@@ -6,8 +6,10 @@
 // addresses. Every byte is checked by the reference engine; a bad message must be
 // counted, fail at most the request it names, and leave every other request clean.
 
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -262,6 +264,35 @@ TEST(TransceiverControlTest, ReorderedMessagesMoveEveryByte) {
   // Each batch goes out backwards: later slices' request data before earlier ones,
   // auxiliary tokens before results, a cancel before the data it cancels.
   ExpectHarmless(Forward, /*reverse=*/true);
+}
+
+// Staged chunks and credits come back long after they were first sent: each one
+// brings along copies of the last eight before it. By then the slot they name
+// holds a later chunk, so a stale chunk scattered, or a stale credit taken, would
+// put another chunk's bytes into the pools.
+TEST(TransceiverControlTest, StaleStagingMessagesChangeNothing) {
+  const RunOptions options = Options(/*with_cancel=*/false);
+  const RunReport baseline = Baseline(options);
+  auto history = std::make_shared<std::array<std::deque<std::string>, 2>>();
+  Pair pair = MakePair(options, [history](bool to_context, const Message& message) {
+    std::vector<std::string> out = {transfer::EncodeMessage(message)};
+    if (!std::holds_alternative<transfer::StagedChunk>(message) &&
+        !std::holds_alternative<transfer::StagingCredit>(message)) {
+      return out;
+    }
+    std::deque<std::string>& past = (*history)[to_context];
+    out.insert(out.end(), past.begin(), past.end());
+    past.push_back(out.front());
+    if (past.size() > 8) past.pop_front();
+    return out;
+  });
+  const RunReport report = RunPair(pair, options);
+  EXPECT_TRUE(report.ok()) << Table(report);
+  ExpectSameTransfer(report, baseline);
+  // The copies came, and were dropped on both sides.
+  EXPECT_GT(pair.context->rank(0).transceiver().metrics().staged_chunks, 0);
+  EXPECT_GT(pair.context->rank(0).transceiver().metrics().dropped_messages, 0);
+  EXPECT_GT(pair.generation->rank(0).transceiver().metrics().dropped_messages, 0);
 }
 
 // Request `rid` failed on both sides, saying `why`; every other request is clean.

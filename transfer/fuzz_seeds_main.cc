@@ -107,6 +107,8 @@ std::vector<Seed> ProtocolSeeds() {
   seeds.push_back({"seed_request_data_no_options", EncodeMessage(bare)});
   SliceResult success{0x1234567890, 1, 2, SliceOutcome::kSuccess, true, 0, "", true, 1 << 20, 96};
   seeds.push_back({"seed_slice_result_success", EncodeMessage(success)});
+  success.staged_chunks = 12;
+  seeds.push_back({"seed_slice_result_staged", EncodeMessage(success)});
   SliceResult failed{7,     0, 1, SliceOutcome::kFailed, false,
                      14,    "write failed: request=7 slice=0 receiver=1",
                      false, 0, 0};
@@ -122,8 +124,8 @@ std::vector<Seed> ProtocolSeeds() {
   staging.grants.clear();
   seeds.push_back({"seed_rank_info_reply_staging_only", EncodeMessage(staging)});
   seeds.push_back({"seed_staged_chunk",
-                   EncodeMessage(StagedChunk{7, 1, 0, 2, {{0, 0, 4096}, {1, 1 << 20, 512}}})});
-  seeds.push_back({"seed_staging_credit", EncodeMessage(StagingCredit{1, 3})});
+                   EncodeMessage(StagedChunk{7, 1, 0, 2, 41, {{0, 0, 4096}, {1, 1 << 20, 512}}})});
+  seeds.push_back({"seed_staging_credit", EncodeMessage(StagingCredit{1, 3, 41})});
 
   // Hostile bytes, each refused before it allocates by its declared sizes.
   const std::string kRequestDataHead = request_data.substr(0, 3);  // fixarray, kind, version

@@ -70,15 +70,17 @@ constexpr const char* kRequestDataFields[] = {"kind",
                                               "grant_epoch"};
 constexpr const char* kSliceResultFields[] = {
     "kind",          "version", "unique_rid", "slice_id", "sender_rank", "outcome",
-    "is_last_slice", "code",    "reason",     "settled",  "bytes",       "writes"};
+    "is_last_slice", "code",    "reason",     "settled",  "bytes",       "writes",
+    "staged_chunks"};
 constexpr const char* kAuxTokensFields[] = {"kind",        "version",  "unique_rid",
                                             "sender_rank", "aux_slot", "tokens"};
 constexpr const char* kCancelFields[] = {"kind",        "version", "unique_rid",
                                          "sender_rank", "from",    "reason"};
 constexpr const char* kStagedChunkFields[] = {"kind",        "version", "unique_rid",
                                               "slice_id",    "sender_rank", "slot",
-                                              "fragments"};
-constexpr const char* kStagingCreditFields[] = {"kind", "version", "receiver_rank", "slot"};
+                                              "seq",         "fragments"};
+constexpr const char* kStagingCreditFields[] = {"kind", "version", "receiver_rank", "slot",
+                                                "seq"};
 constexpr const char* kStagingGrantFields[] = {"region", "slot_bytes", "slots"};
 constexpr const char* kStagedFragmentFields[] = {"pool", "offset", "bytes"};
 constexpr const char* kRankInfoFields[] = {
@@ -306,6 +308,7 @@ void Pack(Packer& p, const Message& m, const SliceResult& r) {
   p.pack(r.settled);
   p.pack_uint64(r.bytes);
   p.pack_int64(r.writes);
+  p.pack_int64(r.staged_chunks);
 }
 
 void Pack(Packer& p, const Message& m, const AuxTokens& r) {
@@ -330,6 +333,7 @@ void Pack(Packer& p, const Message& m, const StagedChunk& r) {
   p.pack_int64(r.slice_id);
   p.pack_int64(r.sender_rank);
   p.pack_uint32(r.slot);
+  p.pack_uint64(r.seq);
   p.pack_array(static_cast<uint32_t>(r.fragments.size()));
   for (const StagedFragment& f : r.fragments) {
     PackRecordHeader(p, kStagedFragmentFields);
@@ -343,6 +347,7 @@ void Pack(Packer& p, const Message& m, const StagingCredit& r) {
   PackMessageHeader(p, m, kStagingCreditFields);
   p.pack_int64(r.receiver_rank);
   p.pack_uint32(r.slot);
+  p.pack_uint64(r.seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -817,6 +822,7 @@ void Read(Decoder* d, Record& r, StagedChunk* m) {
   ReadId(d, r.Next(), "slice id", &m->slice_id);
   ReadId(d, r.Next(), "rank", &m->sender_rank);
   ReadSlot(d, r.Next(), &m->slot);
+  ReadUint64(d, r.Next(), &m->seq);
   Budget fragments{d->limits().max_staged_fragments, "max_staged_fragments", "fragments"};
   ReadList(d, r.Next(), &fragments, &m->fragments, [d](const Value& x, StagedFragment* f) {
     Record fr(d, x, kStagedFragmentFields);
@@ -831,6 +837,7 @@ void Read(Decoder* d, Record& r, StagedChunk* m) {
 void Read(Decoder* d, Record& r, StagingCredit* m) {
   ReadId(d, r.Next(), "rank", &m->receiver_rank);
   ReadSlot(d, r.Next(), &m->slot);
+  ReadUint64(d, r.Next(), &m->seq);
 }
 
 void Read(Decoder* d, Record& r, RequestData* m) {
@@ -887,6 +894,7 @@ void Read(Decoder* d, Record& r, SliceResult* m) {
   ReadBool(d, r.Next(), &m->settled);
   ReadUint64(d, r.Next(), &m->bytes);
   ReadId(d, r.Next(), "count", &m->writes);
+  ReadId(d, r.Next(), "count", &m->staged_chunks);
 }
 
 void Read(Decoder* d, Record& r, AuxTokens* m) {

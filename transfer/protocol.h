@@ -156,6 +156,9 @@ struct SliceResult {
   bool settled = true;
   uint64_t bytes = 0;   // moved for this slice and pair
   int64_t writes = 0;   // posted (coalesced fragments)
+  // kSuccess: how many StagedChunks of this slice and pair the receiver must scatter
+  // before the slice is complete (0 when none was staged).
+  int64_t staged_chunks = 0;
 };
 
 // Auxiliary tokens (the first generated token, draft tokens) of a request, sent by
@@ -189,19 +192,26 @@ struct StagedFragment {
 // into staging slot `slot` of the receiver (its StagingGrant): the fragments' bytes
 // lie back to back from the slot's start, in this order. Sent only once that write
 // is delivered; the receiver scatters it into its pools, then answers with a
-// StagingCredit. Chunks of a slice precede its SliceResult.
+// StagingCredit. The sender fills a slot again only after that credit, and numbers
+// its chunks with `seq` (from 1, increasing over its whole life), so a receiver
+// scatters a slot only for a `seq` above the last it scattered there: a repeated or
+// late copy never scatters what the slot holds now. Messages may come in any order;
+// the SliceResult says how many chunks the receiver must have scattered.
 struct StagedChunk {
   uint64_t unique_rid = 0;
   int64_t slice_id = 0;
   int64_t sender_rank = 0;
   uint32_t slot = 0;
+  uint64_t seq = 0;
   std::vector<StagedFragment> fragments;
 };
 
-// The receiver scattered staging slot `slot`: the sender may fill it again.
+// The receiver is done with chunk `seq` in staging slot `slot`: the sender may fill
+// the slot again, unless it already holds a later chunk (a repeated credit).
 struct StagingCredit {
   int64_t receiver_rank = 0;
   uint32_t slot = 0;
+  uint64_t seq = 0;
 };
 
 using Message = std::variant<RankInfoRequest, RankInfoReply, RequestData, SliceResult,

@@ -152,8 +152,8 @@ std::vector<Named> TypicalMessages() {
   failed.writes = 2;
   AuxTokens aux{42, 3, 5, {11, 12, 13}};
   Cancel cancel{42, 2, Role::kGeneration, "engine aborted the request"};
-  StagedChunk chunk{42, 1, 3, 2, {{0, 4096, 512}, {1, 0, 100}, {0, 1 << 30, 7}}};
-  StagingCredit credit{2, 3};
+  StagedChunk chunk{42, 1, 3, 2, 77, {{0, 4096, 512}, {1, 0, 100}, {0, 1 << 30, 7}}};
+  StagingCredit credit{2, 3, 77};
   return {{"RankInfoRequest", RankInfoRequest{ValidRankInfo()}},
           {"RankInfoReply", reply},
           {"RequestData", data},
@@ -241,7 +241,12 @@ std::vector<Named> ExtremeMessages() {
   failed.settled = false;
   failed.bytes = kMaxU64;
   failed.writes = kMaxI64;
+  failed.staged_chunks = kMaxI64;
   messages.push_back({"SliceResult failed maxima", failed});
+  SliceResult staged;
+  staged.writes = 3;
+  staged.staged_chunks = 3;
+  messages.push_back({"SliceResult staged", staged});
 
   messages.push_back({"AuxTokens empty", AuxTokens{}});
   AuxTokens tokens{kMaxU64, kMaxI64, kMaxI64, std::vector<int64_t>(4096, kMaxI64)};
@@ -559,6 +564,8 @@ TEST(Protocol, RejectsNegativeIdsAndPositions) {
        "SliceResult.sender_rank: negative rank: value=-1"},
       {"result writes", Edited("SliceResult", Set({11}, Int(-1))), kInvalid,
        "SliceResult.writes: negative count: value=-1"},
+      {"result staged chunks", Edited("SliceResult", Set({12}, Int(-1))), kInvalid,
+       "SliceResult.staged_chunks: negative count: value=-1"},
       {"token id", Edited("AuxTokens", Set({5, 2}, Int(-1))), kInvalid,
        "AuxTokens.tokens[2]: negative token id: value=-1"},
       {"aux tokens slot", Edited("AuxTokens", Set({4}, Int(-1))), kInvalid,

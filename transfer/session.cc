@@ -206,6 +206,7 @@ void SenderSession::OnSliceEnded(int64_t slice_id, int64_t receiver_rank,
     result.is_last_slice = slice != slices_.end() && slice->second.is_last_slice;
     result.bytes = outcome.bytes;
     result.writes = outcome.writes;
+    result.staged_chunks = outcome.staged_chunks;
     out->push_back(SendMessage{receiver_rank, std::move(result)});
     if (!error_.ok()) CancelIfAllDelivered(receiver_rank, out);
   } else {

@@ -109,6 +109,7 @@ struct SliceOutcomeInfo {
   bool settled = true;     // !status.ok(): nothing of it can land any more
   uint64_t bytes = 0;
   int64_t writes = 0;
+  int64_t staged_chunks = 0;  // of `writes`, those that went through staging
 };
 
 class SenderSession {

@@ -171,6 +171,9 @@ struct Transceiver::Impl {
     transport::RegionId region = 0;
     uint64_t slot_bytes = 0;
     uint32_t slots = 0;
+    // Receiver side: per slot, the seq of the last chunk taken from it; a chunk at
+    // or below it is a repeated or late copy.
+    std::vector<uint64_t> taken_seq;
     char* slot(uint32_t i) const { return base + uint64_t{i} * slot_bytes; }
   };
   struct StagedJob;
@@ -186,6 +189,7 @@ struct Transceiver::Impl {
     transport::RegionDescriptor remote;
     Arena local;
     std::vector<bool> busy;              // until its StagingCredit comes back
+    std::vector<uint64_t> seq;           // per slot: the chunk that fills it
     std::deque<StagedJob*> queue;        // jobs with fragments left to stage, FIFO
     std::map<uint32_t, StagedWrite> in_flight;  // by slot
   };
@@ -258,6 +262,10 @@ struct Transceiver::Impl {
     RequestMetrics metrics;
     absl::Time started;
     absl::Time timer = absl::InfiniteFuture();  // the deadline last put in `timers`
+    // Staged chunks scattered per (slice, sender rank), and a sender's SUCCESS held
+    // until they are all in: control messages may come in any order.
+    std::map<std::pair<int64_t, int64_t>, int64_t> scattered;
+    std::map<std::pair<int64_t, int64_t>, transfer::SliceResult> held;
   };
   std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
   std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
@@ -265,6 +273,8 @@ struct Transceiver::Impl {
   // Grant epochs increase for the rank's whole life, also across a peer instance
   // removed and added again, so a context rank never mistakes new grants for old.
   uint64_t last_epoch = 0;
+  // Staged chunks are numbered over the rank's whole life too (StagedChunk::seq).
+  uint64_t last_chunk_seq = 0;
   std::set<uint64_t> touched;
   // Staging arenas of ranks that are gone, freed once the transport has released
   // them (a transfer that read one may end after its peer was removed).
@@ -309,6 +319,7 @@ struct Transceiver::Impl {
   absl::StatusOr<std::unique_ptr<Arena>> MakeArena(uint64_t slot_bytes, uint32_t slots);
   kernels::Launch LaunchFor(const Arena& arena, uint32_t slot) const;
   void HandleStagedChunk(const std::string& from, const transfer::StagedChunk& chunk);
+  void FailReceiver(ReceiverEntry& e, absl::Status why);
   void HandleStagingCredit(const std::string& from, const transfer::StagingCredit& credit);
   std::optional<transfer::StagingGrant> OfferStaging(PeerRank& rank);
   void FireTimers(absl::Time now);
@@ -1162,6 +1173,7 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
             offer->region.address, offer->region.length, offer->region.key};
         fresh_staging->local = std::move(**local);
         fresh_staging->busy.assign(offer->slots, false);
+        fresh_staging->seq.assign(offer->slots, 0);
         if (staging != nullptr) retired.push_back(std::make_unique<Arena>(std::move(staging->local)));
         rank->staging = std::move(fresh_staging);
       } else {
@@ -1266,10 +1278,34 @@ void Transceiver::Impl::HandleResult(const std::string& from, const transfer::Sl
     ++metrics.dropped_messages;
     return;
   }
+  ReceiverEntry& e = *entry->second;
+  if (result.outcome == transfer::SliceOutcome::kSuccess && result.staged_chunks > 0) {
+    const std::pair<int64_t, int64_t> key{result.slice_id, result.sender_rank};
+    const int64_t scattered = e.scattered[key];
+    if (scattered < result.staged_chunks) {
+      e.held.emplace(key, result);  // until its last chunk is scattered
+      return;
+    }
+    if (scattered > result.staged_chunks) {
+      FailReceiver(e, absl::DataLossError(absl::StrCat(
+                          "sender counts fewer staged chunks than were scattered: request=",
+                          result.unique_rid, " slice=", result.slice_id,
+                          " sender=", result.sender_rank, " counted=", result.staged_chunks,
+                          " scattered=", scattered)));
+      return;
+    }
+  }
   std::vector<SessionAction> actions;
-  entry->second->session.OnResult(result, absl::Now(), &actions);
+  e.session.OnResult(result, absl::Now(), &actions);
   touched.insert(result.unique_rid);
-  RunReceiver(*entry->second, std::move(actions));
+  RunReceiver(e, std::move(actions));
+}
+
+void Transceiver::Impl::FailReceiver(ReceiverEntry& e, absl::Status why) {
+  std::vector<SessionAction> actions;
+  e.session.Fail(std::move(why), absl::Now(), &actions);
+  touched.insert(e.session.request().unique_rid);
+  RunReceiver(e, std::move(actions));
 }
 
 void Transceiver::Impl::HandleAux(const std::string& from, const transfer::AuxTokens& aux) {
@@ -1672,6 +1708,7 @@ absl::StatusOr<std::unique_ptr<Transceiver::Impl::Arena>> Transceiver::Impl::Mak
   auto arena = std::make_unique<Arena>();
   arena->slot_bytes = slot_bytes;
   arena->slots = slots;
+  arena->taken_seq.assign(slots, 0);
   const uint64_t bytes = slot_bytes * slots;
   if (pool_memory == transport::MemoryKind::kCuda) {
     absl::StatusOr<kernels::PinnedHostBuffer> pinned = kernels::PinnedHostBuffer::Create(bytes);
@@ -1737,6 +1774,7 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
     chunk.slice_id = job.slice_id;
     chunk.sender_rank = self.rank;
     chunk.slot = slot;
+    chunk.seq = ++last_chunk_seq;
     sources.clear();
     uint64_t used = 0;
     while (!job.done() && used < local.slot_bytes && chunk.fragments.size() < kMaxChunkFragments) {
@@ -1777,6 +1815,7 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
       continue;
     }
     staging.busy[slot] = true;
+    staging.seq[slot] = chunk.seq;
     ++job.in_flight;
     staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used};
   }
@@ -1842,6 +1881,7 @@ void Transceiver::Impl::EndStagedJob(StagedJob& job) {
   outcome.settled = true;
   outcome.bytes = job.bytes;
   outcome.writes = job.chunks;
+  outcome.staged_chunks = job.chunks;
   if (job.error.ok()) {
     e.metrics.bytes += job.bytes;
     e.metrics.writes += job.chunks;
@@ -1876,7 +1916,15 @@ void Transceiver::Impl::HandleStagedChunk(const std::string& from,
                           " slot=", chunk.slot));
     return;
   }
-  const Arena& arena = *peer->arena;
+  Arena& arena = *peer->arena;
+  if (chunk.seq <= arena.taken_seq[chunk.slot]) {
+    // A repeated or late copy: the slot may hold a later chunk by now. The first
+    // copy was credited already.
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
+    return;
+  }
+  arena.taken_seq[chunk.slot] = chunk.seq;
   // Scatter only into a request that still waits on this sender: a late chunk of a
   // request that ended must not touch pages that may belong to another one now.
   auto entry = receivers.find(chunk.unique_rid);
@@ -1908,24 +1956,51 @@ void Transceiver::Impl::HandleStagedChunk(const std::string& from,
     absl::Status scattered = kernels::Scatter(
         launch, kernels::StagingBuffer{arena.slot(chunk.slot), arena.slot_bytes}, 0, targets);
     if (scattered.ok()) scattered = kernels::Wait(launch);
-    if (!scattered.ok()) Log(scattered.ToString());
-    MutexLock lock(&mu);
-    ++metrics.staged_chunks;
+    ReceiverEntry& e = *entry->second;
+    if (!scattered.ok()) {
+      FailReceiver(e, absl::Status(scattered.code(),
+                                   absl::StrCat("scattering a staged chunk failed: request=",
+                                                chunk.unique_rid, " slice=", chunk.slice_id,
+                                                " sender=", chunk.sender_rank, ": ",
+                                                scattered.message())));
+    } else {
+      const std::pair<int64_t, int64_t> key{chunk.slice_id, chunk.sender_rank};
+      const int64_t count = ++e.scattered[key];
+      auto held = e.held.find(key);
+      if (held != e.held.end() && count == held->second.staged_chunks) {
+        const transfer::SliceResult result = std::move(held->second);
+        e.held.erase(held);
+        std::vector<SessionAction> actions;
+        e.session.OnResult(result, absl::Now(), &actions);
+        touched.insert(chunk.unique_rid);
+        RunReceiver(e, std::move(actions));
+      }
+      MutexLock lock(&mu);
+      ++metrics.staged_chunks;
+    }
   } else {
     MutexLock lock(&mu);
     ++metrics.dropped_messages;
   }
   // Scattered or not, the slot is free again.
-  Send(peer->info.control_address, transfer::StagingCredit{self.rank, chunk.slot});
+  Send(peer->info.control_address, transfer::StagingCredit{self.rank, chunk.slot, chunk.seq});
 }
 
 void Transceiver::Impl::HandleStagingCredit(const std::string& from,
                                             const transfer::StagingCredit& credit) {
   PeerRank* peer = self.role == Role::kContext ? FindRank(from, credit.receiver_rank) : nullptr;
-  if (peer == nullptr || peer->staging == nullptr || credit.slot >= peer->staging->busy.size() ||
-      peer->staging->in_flight.count(credit.slot) > 0) {
+  if (peer == nullptr || peer->staging == nullptr || credit.slot >= peer->staging->busy.size()) {
     CountBad(absl::StrCat("staging credit for an unknown rank or slot: from=", from,
                           " slot=", credit.slot));
+    return;
+  }
+  SendStaging& staging = *peer->staging;
+  if (!staging.busy[credit.slot] || staging.in_flight.count(credit.slot) > 0 ||
+      staging.seq[credit.slot] != credit.seq) {
+    // A repeated or late credit: the slot is free already, or holds a later chunk
+    // the receiver has not taken yet.
+    MutexLock lock(&mu);
+    ++metrics.dropped_messages;
     return;
   }
   peer->staging->busy[credit.slot] = false;
