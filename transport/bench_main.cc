@@ -59,6 +59,10 @@ ABSL_FLAG(int64_t, repeat, 3, "runs per row; the median is printed");
 ABSL_FLAG(bool, baseline_own_thread, true,
           "baseline: run the write loop on its own thread while main waits, as the kvx "
           "owner thread does (false: on main; see README.md on 2-core placement)");
+ABSL_FLAG(bool, baseline_unchecked_shm, false,
+          "baseline on shm: ask for no RMA ordering, which takes shm's fast RMA path "
+          "(the initiator copies straight into the target, no key check); kvx never "
+          "uses it, so by default the baseline asks for kvx's ordering and its checks");
 ABSL_FLAG(int64_t, idle_poll_us, 0,
           "libfabric endpoints: owner-thread sleep between polls when idle (0 spins)");
 
@@ -183,6 +187,9 @@ struct RawEndpoint {
     hints->fabric_attr->prov_name = strdup(provider.c_str());
     const bool shm = provider == "shm";
     hints->addr_format = shm ? FI_ADDR_STR : FI_SOCKADDR_IN;
+    if (shm && !absl::GetFlag(FLAGS_baseline_unchecked_shm)) {
+      hints->tx_attr->msg_order = FI_ORDER_RAW | FI_ORDER_WAW;  // as kvx asks
+    }
     int ret = fi_getinfo(FI_VERSION(1, 17), shm ? nullptr : "127.0.0.1", nullptr,
                          shm ? 0 : FI_SOURCE, hints, &info);
     fi_freeinfo(hints);
