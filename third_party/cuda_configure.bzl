@@ -26,7 +26,7 @@ def _cuda_configure_impl(ctx):
         if result.return_code != 0:
             missing = ["a working bin/nvcc (" + result.stderr.strip() + ")"]
         else:
-            for word in result.stdout.replace(",", " ").split(" "):
+            for word in result.stdout.replace(",", " ").replace("\n", " ").split(" "):
                 if word.startswith("V") and word[1:2].isdigit():
                     version = word[1:].strip()
 
