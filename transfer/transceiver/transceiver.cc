@@ -2066,6 +2066,8 @@ void Transceiver::Impl::Publish() {
   }
   touched.clear();
   MutexLock lock(&mu);
+  // Entries come and go only with their request touched: the gauge is current.
+  metrics.sessions = static_cast<int64_t>(senders.size() + receivers.size());
   for (RequestStatus& status : statuses) {
     auto live_entry = live.find(status.unique_rid);
     if (live_entry == live.end()) continue;  // The engine never asked for it.
