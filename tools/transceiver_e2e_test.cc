@@ -26,6 +26,7 @@
 #include "transfer/session.h"
 #include "transfer/transceiver/transceiver.h"
 #include "transport/fault_injecting_transport.h"
+#include "transport/forwarding_transport.h"
 #include "transport/transport.h"
 
 namespace kvx::harness {
@@ -339,26 +340,9 @@ TEST(TransceiverFaultTest, AFailedWriteFailsOnlyItsRequest) {
 
 // A transport that lands the first write of each transfer 8 bytes further on: the
 // checks must see it (they cannot pass by accident).
-class Misdirecting final : public transport::Transport {
+class Misdirecting final : public transport::ForwardingTransport {
  public:
-  explicit Misdirecting(std::unique_ptr<transport::Transport> inner) : inner_(std::move(inner)) {}
-  transport::Capabilities capabilities() const override { return inner_->capabilities(); }
-  std::string address() const override { return inner_->address(); }
-  absl::StatusOr<transport::RegionId> RegisterMemory(void* base, uint64_t length,
-                                                     transport::MemoryKind kind) override {
-    return inner_->RegisterMemory(base, length, kind);
-  }
-  absl::Status DeregisterMemory(transport::RegionId region) override {
-    return inner_->DeregisterMemory(region);
-  }
-  absl::StatusOr<transport::PeerId> AddPeer(absl::string_view address) override {
-    return inner_->AddPeer(address);
-  }
-  absl::Status RemovePeer(transport::PeerId peer) override { return inner_->RemovePeer(peer); }
-  absl::StatusOr<transport::RegionDescriptor> GrantRemoteWrite(transport::RegionId region,
-                                                               transport::PeerId peer) override {
-    return inner_->GrantRemoteWrite(region, peer);
-  }
+  using ForwardingTransport::ForwardingTransport;
   absl::StatusOr<transport::TransferId> PostWrites(transport::PeerId peer,
                                                    absl::Span<const transport::WriteOp> writes,
                                                    absl::Time deadline) override {
@@ -366,21 +350,8 @@ class Misdirecting final : public transport::Transport {
     if (moved[0].remote_offset + moved[0].length + 8 <= moved[0].remote.length) {
       moved[0].remote_offset += 8;
     }
-    return inner_->PostWrites(peer, moved, deadline);
+    return inner().PostWrites(peer, moved, deadline);
   }
-  absl::Status CancelTransfer(transport::TransferId id) override {
-    return inner_->CancelTransfer(id);
-  }
-  absl::StatusOr<transport::TransferStatus> PollTransfer(transport::TransferId id) override {
-    return inner_->PollTransfer(id);
-  }
-  absl::StatusOr<transport::TransferStatus> WaitTransfer(transport::TransferId id,
-                                                         absl::Time deadline) override {
-    return inner_->WaitTransfer(id, deadline);
-  }
-
- private:
-  std::unique_ptr<transport::Transport> inner_;
 };
 
 TEST(TransceiverFaultTest, MisplacedBytesAreCaught) {
