@@ -32,6 +32,8 @@
 #include "transfer/protocol.h"
 #include "transfer/session.h"
 #include "transfer/transceiver/transceiver.h"
+#include "transport/fault_injecting_transport.h"
+#include "transport/transport.h"
 
 namespace kvx::harness {
 namespace {
@@ -344,6 +346,45 @@ TEST(TransceiverControlTest, RequestDataNamingBlocksPastThePoolFailsOnlyItsReque
     return std::vector<std::string>{transfer::EncodeMessage(lie)};
   });
   ExpectOnlyFailed(RunPair(pair, options), 5, "dst block id outside its pool");
+}
+
+// Messages cut short on the way: every message but the rank infos is followed by
+// a copy cut to two thirds of its bytes (each counted bad where it lands), and
+// request 5's request data arrives only cut. Request 5 ends TIMEOUT on both sides
+// and alone: the context rank, asked to stop a request it never got request data
+// for, answers that nothing of it is in flight, so the generation rank need not
+// fence it, and the requests in flight with it (their completions held back past
+// request 5's deadline and report grace) move every byte.
+TEST(TransceiverControlTest, TruncatedMessagesFailOnlyTheirRequest) {
+  RunOptions options = Options(/*with_cancel=*/false);
+  options.plans[4].timeout = absl::Seconds(1);
+  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
+    auto held = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
+    held->DelayCompletions(absl::Seconds(4));
+    return std::unique_ptr<transport::Transport>(std::move(held));
+  };
+  auto cut = std::make_shared<std::array<std::atomic<int64_t>, 2>>();
+  Pair pair = MakePair(options, [cut](bool to_context, const Message& message) {
+    const std::string bytes = transfer::EncodeMessage(message);
+    std::vector<std::string> out = {bytes.substr(0, bytes.size() * 2 / 3)};
+    (*cut)[to_context].fetch_add(1);
+    const auto* data = std::get_if<transfer::RequestData>(&message);
+    if (!to_context || data == nullptr || data->unique_rid != 5) out.insert(out.begin(), bytes);
+    return out;
+  });
+  const RunReport report = RunPair(pair, options);
+  ExpectOnlyFailed(report, 5, "DEADLINE_EXCEEDED");
+  EXPECT_EQ(report.generation.metrics.fences, 0) << Table(report);
+  // Every cut copy reached its rank and was counted there (the last ones may land
+  // after the run: counters cannot be awaited).
+  const absl::Time patience = absl::Now() + absl::Seconds(10);
+  auto bad = [](Instance& instance) { return instance.rank(0).transceiver().metrics().bad_messages; };
+  while (absl::Now() < patience &&
+         (bad(*pair.context) < (*cut)[1].load() || bad(*pair.generation) < (*cut)[0].load())) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(bad(*pair.context), (*cut)[1].load());
+  EXPECT_EQ(bad(*pair.generation), (*cut)[0].load());
 }
 
 // Outsiders: raw bytes, a message cut short, an oversized one, and well-formed

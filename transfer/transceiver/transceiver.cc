@@ -303,7 +303,9 @@ struct Transceiver::Impl {
   void HandleResult(const std::string& from, const transfer::SliceResult& result);
   void HandleAux(const std::string& from, const transfer::AuxTokens& aux);
   void HandleCancel(const std::string& from, const transfer::Cancel& cancel);
-  void RunSender(SenderEntry& e, std::vector<SessionAction> actions);
+  // Messages go to the ranks of `instance_name` (empty: the request's instance).
+  void RunSender(SenderEntry& e, std::vector<SessionAction> actions,
+                 const std::string& instance_name = "");
   void RunReceiver(ReceiverEntry& e, std::vector<SessionAction> actions);
   void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
                    std::vector<SessionAction>* out);
@@ -1339,11 +1341,19 @@ void Transceiver::Impl::HandleCancel(const std::string& from, const transfer::Ca
     if (entry == senders.end()) {
       cancelled_early[cancel.unique_rid] = now + options.cancel_memory;
       timers.emplace(now + options.cancel_memory, cancel.unique_rid);
+      // Nothing of it is in flight from this rank, and a task or request data that
+      // comes later ends cancelled: say so (session.h, invariant 5).
+      Send(peer->info.control_address,
+           transfer::Cancel{cancel.unique_rid, self.rank, Role::kContext,
+                            "nothing of the request is in flight from this rank"});
       return;
     }
-    entry->second->session.Cancel(reason, &actions);
+    SenderEntry& e = *entry->second;
+    e.session.OnReceiverCancel(cancel.sender_rank, reason, &actions);
     touched.insert(cancel.unique_rid);
-    RunSender(*entry->second, std::move(actions));
+    // Without request data the request is tied to no instance yet: the answer goes
+    // to the rank that asked.
+    RunSender(e, std::move(actions), e.instance.empty() ? peer->info.instance : e.instance);
     return;
   }
   auto entry = receivers.find(cancel.unique_rid);
@@ -1352,18 +1362,19 @@ void Transceiver::Impl::HandleCancel(const std::string& from, const transfer::Ca
     timers.emplace(now + options.cancel_memory, cancel.unique_rid);
     return;
   }
-  entry->second->session.Cancel(reason, now, &actions);
+  entry->second->session.OnSenderCancel(cancel.sender_rank, reason, now, &actions);
   touched.insert(cancel.unique_rid);
   RunReceiver(*entry->second, std::move(actions));
 }
 
-void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> actions) {
+void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> actions,
+                                  const std::string& instance_name) {
   touched.insert(e.session.unique_rid());
   // Actions may produce more (a post that fails at once ends its pair).
   for (size_t i = 0; i < actions.size(); ++i) {
     SessionAction action = std::move(actions[i]);
     if (auto* send = std::get_if<transfer::SendMessage>(&action)) {
-      const PeerInstance& instance = instances[e.instance];
+      const PeerInstance& instance = instances[instance_name.empty() ? e.instance : instance_name];
       auto rank = instance.ranks.find(send->peer_rank);
       if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
     } else if (auto* post = std::get_if<transfer::PostSlice>(&action)) {
