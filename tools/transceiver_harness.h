@@ -456,9 +456,12 @@ class Instance {
   // request it started as ended and hold no session; on the generation side (with
   // check_free_slots) every byte of every pool holds the free pattern again, so a
   // byte that landed outside the requests' blocks, or in them after they were
-  // final, shows. Errors: DataLoss naming the rank, group, slot and byte;
-  // FailedPrecondition naming what is still held.
-  ABSL_MUST_USE_RESULT absl::Status CheckAtRest();
+  // final, shows. With `late_request_data` (a peer that repeats itself) sessions
+  // may remain: a copy of request data that comes after its request ended looks
+  // like request data early for its task, and waits request_data_ttl for it.
+  // Errors: DataLoss naming the rank, group, slot and byte; FailedPrecondition
+  // naming what is still held.
+  ABSL_MUST_USE_RESULT absl::Status CheckAtRest(bool late_request_data = false);
 
   Rank& rank(size_t i) { return *ranks_[i]; }
   size_t num_ranks() const { return ranks_.size(); }

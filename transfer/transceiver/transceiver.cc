@@ -920,11 +920,11 @@ Transceiver::Impl::SenderEntry& Transceiver::Impl::Sender(uint64_t rid) {
   touched.insert(rid);
   // Request data that waits for the engine's task waits only so long.
   timers.emplace(e.started + options.request_data_ttl, rid);
-  auto cancelled = cancelled_early.find(rid);
-  if (cancelled != cancelled_early.end()) {
+  if (cancelled_early.count(rid) > 0) {
+    // The cancel stays remembered until it expires: a task or request data that
+    // comes later ends cancelled the same way, and this entry need not wait for it.
     std::vector<SessionAction> actions;
     e.session.Cancel("cancelled before this rank saw the request", &actions);
-    cancelled_early.erase(cancelled);
   }
   return e;
 }
@@ -2050,8 +2050,9 @@ void Transceiver::Impl::Publish() {
     if (auto s = senders.find(rid); s != senders.end()) {
       // A sender entry that request data alone created is reported only if the
       // engine asked for the request too (live holds only what the engine asked).
-      // One that ended before the engine's task came (cancelled, say) waits for that
-      // task for cancel_memory, so the task ends at once the same way.
+      // One that ended before the engine's task came waits for that task for
+      // cancel_memory, so the task ends at once the same way; one cancelled by a
+      // cancel that is remembered anyway (cancelled_early) need not.
       SenderEntry& e = *s->second;
       statuses.push_back(StatusOf(e));
       if (transfer::IsFinal(e.session.state()) && e.in_flight.empty() && e.staged.empty()) {
@@ -2063,6 +2064,9 @@ void Transceiver::Impl::Publish() {
             timers.emplace(cancelled_early[rid], rid);
           }
           senders.erase(s);
+        } else if (e.session.state() == SessionState::kCancelled &&
+                   cancelled_early.count(rid) > 0) {
+          senders.erase(s);  // Sender() ends a later task the same way.
         } else if (!e.unclaimed_until.has_value()) {
           e.unclaimed_until = absl::Now() + options.cancel_memory;
           timers.emplace(*e.unclaimed_until, rid);
