@@ -32,6 +32,8 @@
 #include "transfer/protocol.h"
 #include "transfer/session.h"
 #include "transfer/transceiver/transceiver.h"
+#include "transport/fault_injecting_transport.h"
+#include "transport/transport.h"
 
 namespace kvx::harness {
 namespace {
@@ -195,13 +197,18 @@ Pair MakePair(const RunOptions& options, std::optional<Policy> policy, bool reve
   return pair;
 }
 
-RunReport RunPair(Pair& pair, const RunOptions& options) {
+// Runs both instances; once every request is final, neither holds anything and no
+// byte changed where no request was (Instance::CheckAtRest; `late_request_data`
+// when the proxy repeats request data).
+RunReport RunPair(Pair& pair, const RunOptions& options, bool late_request_data = false) {
   const absl::Time deadline = absl::Now() + options.run_timeout;
   pair.context->Start(deadline);
   pair.generation->Start(deadline);
   RunReport report;
   report.generation = pair.generation->Wait();
   report.context = pair.context->Wait();
+  EXPECT_OK(pair.generation->CheckAtRest());
+  EXPECT_OK(pair.context->CheckAtRest(late_request_data));
   return report;
 }
 
@@ -233,19 +240,19 @@ void ExpectSameTransfer(const RunReport& got, const RunReport& baseline) {
 // (the same requests, no cancel, an honest control plane); then once more with a
 // request cancelled before it is asked for, which must end cancelled and leave
 // the rest clean.
-void ExpectHarmless(const Policy& policy, bool reverse) {
+void ExpectHarmless(const Policy& policy, bool reverse, bool late_request_data) {
   const RunOptions options = Options(/*with_cancel=*/false);
   const RunReport baseline = Baseline(options);
   {
     Pair pair = MakePair(options, policy, reverse);
-    const RunReport report = RunPair(pair, options);
+    const RunReport report = RunPair(pair, options, late_request_data);
     EXPECT_TRUE(report.ok()) << Table(report);
     ExpectSameTransfer(report, baseline);
     EXPECT_GT(pair.proxy->forwarded(), 0);
   }
   const RunOptions cancelling = Options(/*with_cancel=*/true);
   Pair pair = MakePair(cancelling, policy, reverse);
-  const RunReport report = RunPair(pair, cancelling);
+  const RunReport report = RunPair(pair, cancelling, late_request_data);
   EXPECT_TRUE(report.ok()) << Table(report);
   EXPECT_EQ(report.generation.cancelled, 1) << Table(report);
   EXPECT_EQ(report.generation.succeeded, baseline.generation.succeeded) << Table(report);
@@ -257,13 +264,13 @@ TEST(TransceiverControlTest, DuplicatedMessagesMoveEveryByteOnce) {
         const std::string bytes = transfer::EncodeMessage(message);
         return std::vector<std::string>{bytes, bytes, bytes};
       },
-      /*reverse=*/false);
+      /*reverse=*/false, /*late_request_data=*/true);
 }
 
 TEST(TransceiverControlTest, ReorderedMessagesMoveEveryByte) {
   // Each batch goes out backwards: later slices' request data before earlier ones,
   // auxiliary tokens before results, a cancel before the data it cancels.
-  ExpectHarmless(Forward, /*reverse=*/true);
+  ExpectHarmless(Forward, /*reverse=*/true, /*late_request_data=*/false);
 }
 
 // Staged chunks and credits come back long after they were first sent: each one
@@ -325,7 +332,8 @@ TEST(TransceiverControlTest, ConflictingRequestDataFailsOnlyItsRequest) {
     }
     return out;
   });
-  ExpectOnlyFailed(RunPair(pair, options), 3, "conflicting request data");
+  ExpectOnlyFailed(RunPair(pair, options, /*late_request_data=*/true), 3,
+                   "conflicting request data");
 }
 
 // A generation rank that guesses: request 5's data names blocks far past the pools
@@ -344,6 +352,47 @@ TEST(TransceiverControlTest, RequestDataNamingBlocksPastThePoolFailsOnlyItsReque
     return std::vector<std::string>{transfer::EncodeMessage(lie)};
   });
   ExpectOnlyFailed(RunPair(pair, options), 5, "dst block id outside its pool");
+}
+
+// Messages cut short on the way: every message but the rank infos is followed by
+// a copy cut to two thirds of its bytes (each counted bad where it lands), and
+// request 5's request data arrives only cut. Request 5 ends TIMEOUT on both sides
+// and alone: the context rank, asked to stop a request it never got request data
+// for, answers that nothing of it is in flight, so the generation rank need not
+// fence it, and the requests in flight with it (their completions held back past
+// request 5's deadline and report grace) move every byte.
+TEST(TransceiverControlTest, TruncatedMessagesFailOnlyTheirRequest) {
+  RunOptions options = Options(/*with_cancel=*/false);
+  options.plans[4].timeout = absl::Seconds(1);
+  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
+    auto held = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
+    held->DelayCompletions(absl::Seconds(4));
+    return std::unique_ptr<transport::Transport>(std::move(held));
+  };
+  auto cut = std::make_shared<std::array<std::atomic<int64_t>, 2>>();
+  Pair pair = MakePair(options, [cut](bool to_context, const Message& message) {
+    const std::string bytes = transfer::EncodeMessage(message);
+    std::vector<std::string> out = {bytes.substr(0, bytes.size() * 2 / 3)};
+    (*cut)[to_context].fetch_add(1);
+    const auto* data = std::get_if<transfer::RequestData>(&message);
+    if (!to_context || data == nullptr || data->unique_rid != 5) out.insert(out.begin(), bytes);
+    return out;
+  });
+  const RunReport report = RunPair(pair, options);
+  // Each side by its own deadline, or the context side by the generation side's
+  // word of it (CANCELLED), whichever comes first.
+  ExpectOnlyFailed(report, 5, "by its deadline");
+  EXPECT_EQ(report.generation.metrics.fences, 0) << Table(report);
+  // Every cut copy reached its rank and was counted there (the last ones may land
+  // after the run: counters cannot be awaited).
+  const absl::Time patience = absl::Now() + absl::Seconds(10);
+  auto bad = [](Instance& instance) { return instance.rank(0).transceiver().metrics().bad_messages; };
+  while (absl::Now() < patience &&
+         (bad(*pair.context) < (*cut)[1].load() || bad(*pair.generation) < (*cut)[0].load())) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(bad(*pair.context), (*cut)[1].load());
+  EXPECT_EQ(bad(*pair.generation), (*cut)[0].load());
 }
 
 // Outsiders: raw bytes, a message cut short, an oversized one, and well-formed

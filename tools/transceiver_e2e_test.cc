@@ -4,7 +4,8 @@
 // tcp;ofi_rxm on 127.0.0.1. The matrix: TP/PP mixes (replicated heads, uneven PP,
 // attention DP, MLA), full, windowed and mixed groups, prefix hits of every size,
 // chunked requests, cancels before/during/after by either side, either side first,
-// a failed write and a corrupted one.
+// and a corrupted write. Faults (a failed write, dying ranks, ...) are in
+// transceiver_fault_test.cc.
 
 #include <cstdint>
 #include <memory>
@@ -26,6 +27,7 @@
 #include "transfer/session.h"
 #include "transfer/transceiver/transceiver.h"
 #include "transport/fault_injecting_transport.h"
+#include "transport/forwarding_transport.h"
 #include "transport/transport.h"
 
 namespace kvx::harness {
@@ -315,50 +317,11 @@ TEST(TransceiverFaultTest, CancelWhileTheWritesAreInFlight) {
   EXPECT_EQ(report.generation.succeeded, 16);
 }
 
-TEST(TransceiverFaultTest, AFailedWriteFailsOnlyItsRequest) {
-  RunOptions options = Options("loopback", Tiny(), Shape{1, 1, {}, false}, Shape{1, 1, {}, false});
-  options.plans.clear();
-  for (uint64_t rid = 1; rid <= 12; ++rid) options.plans.push_back(MakePlan(rid, 40));
-  options.concurrency = 1;  // one at a time: the failed write belongs to one request
-  options.transport.wrap = [](std::unique_ptr<transport::Transport> inner, int64_t) {
-    auto faulty = std::make_unique<transport::FaultInjectingTransport>(std::move(inner));
-    faulty->FailNthWrite(5);
-    return std::unique_ptr<transport::Transport>(std::move(faulty));
-  };
-  ASSERT_OK_AND_ASSIGN(RunReport report, RunInProcess(options));
-  const std::string table = FormatTable(report.context, report.generation, report.seconds);
-  for (const SideReport* side : {&report.context, &report.generation}) {
-    EXPECT_EQ(side->failed, 1) << table;
-    EXPECT_EQ(side->succeeded, 11) << table;
-    ASSERT_EQ(side->failures.size(), 1u) << table;
-    EXPECT_THAT(side->failures[0], HasSubstr("injected fault")) << table;
-  }
-  EXPECT_EQ(report.generation.mismatches, 0);
-  EXPECT_EQ(report.generation.late_writes, 0);
-}
-
 // A transport that lands the first write of each transfer 8 bytes further on: the
 // checks must see it (they cannot pass by accident).
-class Misdirecting final : public transport::Transport {
+class Misdirecting final : public transport::ForwardingTransport {
  public:
-  explicit Misdirecting(std::unique_ptr<transport::Transport> inner) : inner_(std::move(inner)) {}
-  transport::Capabilities capabilities() const override { return inner_->capabilities(); }
-  std::string address() const override { return inner_->address(); }
-  absl::StatusOr<transport::RegionId> RegisterMemory(void* base, uint64_t length,
-                                                     transport::MemoryKind kind) override {
-    return inner_->RegisterMemory(base, length, kind);
-  }
-  absl::Status DeregisterMemory(transport::RegionId region) override {
-    return inner_->DeregisterMemory(region);
-  }
-  absl::StatusOr<transport::PeerId> AddPeer(absl::string_view address) override {
-    return inner_->AddPeer(address);
-  }
-  absl::Status RemovePeer(transport::PeerId peer) override { return inner_->RemovePeer(peer); }
-  absl::StatusOr<transport::RegionDescriptor> GrantRemoteWrite(transport::RegionId region,
-                                                               transport::PeerId peer) override {
-    return inner_->GrantRemoteWrite(region, peer);
-  }
+  using ForwardingTransport::ForwardingTransport;
   absl::StatusOr<transport::TransferId> PostWrites(transport::PeerId peer,
                                                    absl::Span<const transport::WriteOp> writes,
                                                    absl::Time deadline) override {
@@ -366,21 +329,8 @@ class Misdirecting final : public transport::Transport {
     if (moved[0].remote_offset + moved[0].length + 8 <= moved[0].remote.length) {
       moved[0].remote_offset += 8;
     }
-    return inner_->PostWrites(peer, moved, deadline);
+    return inner().PostWrites(peer, moved, deadline);
   }
-  absl::Status CancelTransfer(transport::TransferId id) override {
-    return inner_->CancelTransfer(id);
-  }
-  absl::StatusOr<transport::TransferStatus> PollTransfer(transport::TransferId id) override {
-    return inner_->PollTransfer(id);
-  }
-  absl::StatusOr<transport::TransferStatus> WaitTransfer(transport::TransferId id,
-                                                         absl::Time deadline) override {
-    return inner_->WaitTransfer(id, deadline);
-  }
-
- private:
-  std::unique_ptr<transport::Transport> inner_;
 };
 
 TEST(TransceiverFaultTest, MisplacedBytesAreCaught) {

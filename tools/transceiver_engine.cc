@@ -209,14 +209,15 @@ class Engine {
       transceiver::GenerationRequest request;
       request.unique_rid = plan.rid;
       request.prompt_len = plan.prompt_len;
-      request.context_instance = options_.context_name;
+      request.context_instance =
+          plan.context_instance.empty() ? options_.context_name : plan.context_instance;
       request.context_dp_rank = plan.context_dp_rank;
       if (plan.chunks.size() > 1) {
         for (const Chunk& c : plan.chunks) {
           request.slices.push_back(transfer::TokenRange::Create(c.start, c.end).value());
         }
       }
-      request.timeout = options_.request_timeout;
+      request.timeout = plan.timeout.value_or(options_.request_timeout);
       started = rank_.transceiver().RequestAndReceiveAsync(request);
     }
     if (!started.ok()) {
@@ -240,7 +241,7 @@ class Engine {
           transfer::TokenRange::Create(plan.chunks[i].start, plan.chunks[i].end).value();
     }
     if (i + 1 == plan.chunks.size()) request.aux_tokens = plan.aux_tokens();
-    request.timeout = options_.request_timeout;
+    request.timeout = plan.timeout.value_or(options_.request_timeout);
     return rank_.transceiver().RespondAndSendAsync(request);
   }
 
@@ -653,6 +654,42 @@ SideReport Instance::Wait() {
     }
   }
   return report;
+}
+
+absl::Status Instance::CheckAtRest(bool late_request_data) {
+  for (const std::unique_ptr<Rank>& rank : ranks_) {
+    const std::string where = absl::StrCat("instance=", options_.name, " rank=", rank->id());
+    const RankLayout& layout = rank->layout();
+    for (size_t g = 0; g < layout.num_groups(); ++g) {
+      const int64_t slots = rank->table().pools[layout.pool(g)].num_slots;
+      if (const int64_t free = rank->manager().free_slots(g); free != slots) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "slots still taken: ", where, " group=", g, " free=", free, " slots=", slots));
+      }
+      if (options_.role != Role::kGeneration || !options_.check_free_slots) continue;
+      for (int64_t slot = 0; slot < slots; ++slot) {
+        if (std::optional<RankLayout::Mismatch> m = layout.CheckFree(g, slot, rank->slot(g, slot))) {
+          return absl::DataLossError(absl::StrCat("a byte changed where no request was: ", where,
+                                                  " group=", g, " slot=", slot, " ", Describe(*m)));
+        }
+      }
+    }
+    for (const RequestPlan& plan : workload_) {
+      if (rank->transceiver().GetStatus(plan.rid).ok()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("request still tracked: ", where, " request=", plan.rid));
+      }
+    }
+    const transceiver::TransceiverMetrics m = rank->transceiver().metrics();
+    if ((m.sessions != 0 && !late_request_data) ||
+        m.requests_started != m.requests_succeeded + m.requests_failed + m.requests_cancelled) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sessions still held: ", where, " sessions=", m.sessions, " started=",
+          m.requests_started, " succeeded=", m.requests_succeeded, " failed=", m.requests_failed,
+          " cancelled=", m.requests_cancelled));
+    }
+  }
+  return absl::OkStatus();
 }
 
 // --- Progress -------------------------------------------------------------------------

@@ -135,6 +135,11 @@ struct RequestPlan {
   bool draft_block = false;
   int64_t context_dp_rank = 0;
   int64_t generation_dp_rank = 0;
+  // Both sides' timeout for it; none: the instance's request_timeout.
+  std::optional<absl::Duration> timeout;
+  // The context instance that sends it, as the generation side names it; empty:
+  // the generation instance's context_name.
+  std::string context_instance;
 
   // A cancel that may win: the request may end cancelled (or fail with Aborted).
   bool may_be_cancelled() const {
@@ -445,6 +450,19 @@ class Instance {
   // Replaces the workload for another Start. REQUIRES: not started, or waited.
   void Reset(std::vector<RequestPlan> workload);
 
+  // After Wait: nothing of any request is held, and nothing was written where no
+  // request was. Every slot is back in its free list; no request of the workload
+  // is known to a transceiver (GetStatus NotFound), its metrics count every
+  // request it started as ended and hold no session; on the generation side (with
+  // check_free_slots) every byte of every pool holds the free pattern again, so a
+  // byte that landed outside the requests' blocks, or in them after they were
+  // final, shows. With `late_request_data` (a peer that repeats itself) sessions
+  // may remain: a copy of request data that comes after its request ended looks
+  // like request data early for its task, and waits request_data_ttl for it.
+  // Errors: DataLoss naming the rank, group, slot and byte; FailedPrecondition
+  // naming what is still held.
+  ABSL_MUST_USE_RESULT absl::Status CheckAtRest(bool late_request_data = false);
+
   Rank& rank(size_t i) { return *ranks_[i]; }
   size_t num_ranks() const { return ranks_.size(); }
   const std::vector<RequestPlan>& workload() const { return workload_; }
@@ -462,6 +480,8 @@ class Instance {
     uint64_t bytes_checked = 0;
     transceiver::RequestMetrics metrics;
   };
+  // Per rank, a record per request it took part in. REQUIRES: Wait returned.
+  const std::vector<std::vector<Record>>& records() const { return records_; }
 
  private:
   Instance() = default;

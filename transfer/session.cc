@@ -219,12 +219,14 @@ void SenderSession::OnSliceEnded(int64_t slice_id, int64_t receiver_rank,
            out);
     }
   }
+  AnswerCancels(out);
   Advance(out);
 }
 
 void SenderSession::ReportFailed(int64_t slice_id, int64_t receiver, const absl::Status& error,
                                  bool settled, std::vector<SessionAction>* out) {
   pairs_[{slice_id, receiver}] = PairState::kReported;
+  if (!settled) unsettled_.insert(receiver);
   SliceResult result;
   result.unique_rid = unique_rid_;
   result.slice_id = slice_id;
@@ -277,6 +279,37 @@ void SenderSession::Cancel(absl::string_view reason, std::vector<SessionAction>*
   cancelled_ = true;
   Fail(absl::AbortedError(absl::StrCat("request cancelled: request=", unique_rid_, ": ", reason)),
        out);
+}
+
+void SenderSession::OnReceiverCancel(int64_t receiver, absl::string_view reason,
+                                     std::vector<SessionAction>* out) {
+  Cancel(reason, out);
+  to_answer_.insert(receiver);
+  AnswerCancels(out);
+}
+
+void SenderSession::AnswerCancels(std::vector<SessionAction>* out) {
+  for (auto it = to_answer_.begin(); it != to_answer_.end();) {
+    const int64_t receiver = *it;
+    bool in_flight = false;
+    for (const auto& [key, state] : pairs_) {
+      in_flight |= key.second == receiver && state == PairState::kPosted;
+    }
+    if (in_flight) {
+      ++it;
+      continue;
+    }
+    if (unsettled_.count(receiver) == 0) {
+      transfer::Cancel cancel;
+      cancel.unique_rid = unique_rid_;
+      cancel.sender_rank = self_rank_;
+      cancel.from = Role::kContext;
+      cancel.reason = BoundedReason(error_.ok() ? absl::string_view("request ended")
+                                                : error_.message());
+      out->push_back(SendMessage{receiver, std::move(cancel)});
+    }
+    it = to_answer_.erase(it);
+  }
 }
 
 void SenderSession::OnDeadline(absl::Time now, std::vector<SessionAction>* out) {
@@ -420,6 +453,12 @@ void ReceiverSession::Cancel(absl::string_view reason, absl::Time now,
   Advance(out);
 }
 
+void ReceiverSession::OnSenderCancel(int64_t sender, absl::string_view reason, absl::Time now,
+                                     std::vector<SessionAction>* out) {
+  if (!IsFinal(state_) && senders_.count(sender) > 0) released_.insert(sender);
+  Cancel(reason, now, out);
+}
+
 void ReceiverSession::Fail(absl::Status error, absl::Time now,
                            std::vector<SessionAction>* out) {
   BeginFailure(std::move(error), false, now, out);
@@ -498,9 +537,12 @@ void ReceiverSession::BeginFailure(absl::Status error, bool cancelled, absl::Tim
 
 bool ReceiverSession::SenderDone(int64_t sender) const {
   if (fenced_.count(sender) > 0) return true;
+  const bool released = released_.count(sender) > 0;
   for (const ReceiverSlice& s : request_.slices) {
     auto report = reports_.find({s.slice_id, sender});
-    if (report == reports_.end() || report->second == Report::kFailedUnsettled) return false;
+    if (report == reports_.end() ? !released : report->second == Report::kFailedUnsettled) {
+      return false;
+    }
   }
   return true;
 }

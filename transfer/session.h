@@ -42,6 +42,13 @@
 //   3. Each (slice, receiver) pair gets exactly one SliceResult: SUCCESS once its
 //      writes are delivered, FAILED otherwise (also for a pair never posted).
 //   4. The first error wins; later errors only count.
+//   5. A Cancel from a sender tells a receiver that nothing of the request from
+//      that sender is in flight to it or ever will be (its results so far stand):
+//      a sender sends one only after the request failed, once every pair it posted
+//      to that receiver ended and none unsettled, also in answer to the receiver's
+//      own Cancel for slices whose request data never came. The receiver then
+//      counts that sender done and need not fence it, so a lost or cut message
+//      fails its request alone, not every request in flight with the sender.
 //
 // Thread safety: none; one thread (the transceiver's) drives a session.
 
@@ -144,6 +151,11 @@ class SenderSession {
   // ends the request; reported to every receiver.
   void Fail(absl::Status error, std::vector<SessionAction>* out);
   void Cancel(absl::string_view reason, std::vector<SessionAction>* out);
+  // A receiver's Cancel: Cancel, and once nothing of the request is in flight to
+  // `receiver` a Cancel back (invariant 5); none when a write to it failed
+  // unsettled (it fences this rank then).
+  void OnReceiverCancel(int64_t receiver, absl::string_view reason,
+                        std::vector<SessionAction>* out);
 
   // Called when `now` passes deadline(): fails the request with DeadlineExceeded
   // unless it is final.
@@ -171,6 +183,8 @@ class SenderSession {
                     bool settled, std::vector<SessionAction>* out);
   void Advance(std::vector<SessionAction>* out);
   void CancelIfAllDelivered(int64_t receiver, std::vector<SessionAction>* out);
+  // Answers the receivers in `to_answer_` that nothing is in flight to any more.
+  void AnswerCancels(std::vector<SessionAction>* out);
   bool Expected(int64_t receiver) const { return receivers_.count(receiver) > 0; }
 
   const uint64_t unique_rid_;
@@ -182,6 +196,8 @@ class SenderSession {
   std::vector<int64_t> aux_tokens_;
   std::map<PairKey, RequestData> data_;
   std::map<PairKey, PairState> pairs_;
+  std::set<int64_t> to_answer_;   // receivers whose Cancel awaits the Cancel back
+  std::set<int64_t> unsettled_;   // receivers a write to failed unsettled
   absl::Time deadline_ = absl::InfiniteFuture();
   SessionState state_ = SessionState::kInit;
   absl::Status error_;
@@ -231,6 +247,10 @@ class ReceiverSession {
   void OnAuxTokens(const AuxTokens& aux, absl::Time now, std::vector<SessionAction>* out);
   // Cancel from the engine or a sender.
   void Cancel(absl::string_view reason, absl::Time now, std::vector<SessionAction>* out);
+  // A sender's Cancel: Cancel, and nothing more of the request comes from `sender`
+  // (invariant 5): it is done once its results so far are settled.
+  void OnSenderCancel(int64_t sender, absl::string_view reason, absl::Time now,
+                      std::vector<SessionAction>* out);
   void Fail(absl::Status error, absl::Time now, std::vector<SessionAction>* out);
   // `sender` was fenced (for this request or another): nothing of it lands any more.
   void OnSenderFenced(int64_t sender, absl::Time now, std::vector<SessionAction>* out);
@@ -260,6 +280,7 @@ class ReceiverSession {
   std::map<PairKey, Report> reports_;
   std::set<int64_t> fenced_;
   std::set<int64_t> fence_asked_;
+  std::set<int64_t> released_;  // senders that said nothing more comes (invariant 5)
   std::optional<std::vector<int64_t>> aux_received_;
   std::vector<int64_t> aux_;
   SessionState state_ = SessionState::kInit;

@@ -20,10 +20,13 @@
 //     and request data, only to a receiver it overlaps (invariant 2); sends exactly
 //     one SliceResult per pair whose request data it got, never two (invariant 3),
 //     SUCCESS only for delivered writes, a settled FAILED only when nothing of the
-//     pair can still land; aux tokens once per receiver, after its writes; and is
-//     final only with nothing in flight (invariant 1);
-//   - a receiver is final only when each expected sender was fenced or sent a
-//     settled result for every slice (invariant 1, as the receiver knows it);
+//     pair can still land; aux tokens once per receiver, after its writes; a Cancel
+//     to a receiver only when nothing of it to that receiver can still land, and
+//     no post to it after (invariant 5); and is final only with nothing in flight
+//     (invariant 1);
+//   - a receiver is final only when each expected sender was fenced, said it is
+//     done (its Cancel), or sent a settled result for every slice (invariant 1, as
+//     the receiver knows it);
 //   - across sessions: a receiver is final only when no expected sender can in
 //     truth still write into its pages (each one fenced, or none of its writes in
 //     flight or failed unsettled); KV_TRANSFERRED only when every expected sender
@@ -127,6 +130,7 @@ struct Sender {
   std::map<PairKey, int> results;         // SliceResults sent, per overlapping pair
   std::set<PairKey> asked;                // pairs whose request data reached it
   std::map<int64_t, std::vector<int64_t>> aux_sent;  // receiver -> tokens
+  std::set<int64_t> cancelled;  // receivers it sent a Cancel
   Seen seen;
 };
 
@@ -138,8 +142,9 @@ struct Receiver {
   std::set<int64_t> senders;  // overlapping context ranks
   bool started = false;
   std::set<int64_t> fenced;
-  // The first result of each (slice, sender) that reached the session: the one it
-  // counts. True: SUCCESS or a settled FAILED.
+  std::set<int64_t> released;  // expected senders whose Cancel reached the session
+  // The first result of each (slice, sender) that reached the session before it
+  // was final: the one it counts. True: SUCCESS or a settled FAILED.
   std::map<PairKey, bool> first_result;
   Seen seen;
 };
@@ -406,8 +411,11 @@ void World::Deliver(const Packet& packet) {
     if (!r.started) return;  // no session for the request there yet: dropped
     if (const auto* result = std::get_if<SliceResult>(&*decoded)) {
       if (result->unique_rid != kRid || result->sender_rank != packet.from) return;
-      r.first_result.emplace(PairKey{result->slice_id, packet.from},
-                             result->outcome == SliceOutcome::kSuccess || result->settled);
+      // A final session counts no result (one may come after a sender's Cancel).
+      if (!IsFinal(r.session.state())) {
+        r.first_result.emplace(PairKey{result->slice_id, packet.from},
+                               result->outcome == SliceOutcome::kSuccess || result->settled);
+      }
       r.session.OnResult(*result, now_, &actions);
     } else if (const auto* aux = std::get_if<AuxTokens>(&*decoded)) {
       if (aux->unique_rid != kRid || aux->sender_rank != packet.from) return;
@@ -417,7 +425,10 @@ void World::Deliver(const Packet& packet) {
           cancel->from != Role::kContext) {
         return;
       }
-      r.session.Cancel(cancel->reason, now_, &actions);
+      if (r.senders.count(packet.from) > 0 && !IsFinal(r.session.state())) {
+        r.released.insert(packet.from);
+      }
+      r.session.OnSenderCancel(packet.from, cancel->reason, now_, &actions);
     } else {
       return;
     }
@@ -434,7 +445,7 @@ void World::Deliver(const Packet& packet) {
         cancel->from != Role::kGeneration) {
       return;
     }
-    s.session.Cancel(cancel->reason, &actions);
+    s.session.OnReceiverCancel(packet.from, cancel->reason, &actions);
   } else {
     return;
   }
@@ -453,6 +464,9 @@ void World::RunSender(Sender& s, std::vector<SessionAction> actions) {
                                             " receiver=", key.second);
       if (s.receivers.count(key.second) == 0) {
         Broken("PostSlice for a receiver the sender does not overlap: " + pair);
+      }
+      if (s.cancelled.count(key.second) > 0) {
+        Broken("a pair posted after a Cancel to its receiver (invariant 5): " + pair);
       }
       if (!s.transfers.emplace(key, Transfer{}).second) {
         Broken("a pair dispatched twice (invariant 2): " + pair);
@@ -518,6 +532,19 @@ void World::SenderSent(Sender& s, const SendMessage& send) {
                             " slice=", key.first));
       }
     }
+  } else if (const auto* cancel = std::get_if<Cancel>(&send.message)) {
+    if (cancel->unique_rid != kRid || cancel->sender_rank != s.rank ||
+        cancel->from != Role::kContext) {
+      Broken("a cancel names another request, rank or role: " + where);
+    }
+    for (const auto& [key, t] : s.transfers) {
+      if (key.second == to &&
+          (t.state == Write::kInFlight || t.state == Write::kFailedUnsettled)) {
+        Broken(absl::StrCat("a Cancel while writes to the receiver may still land "
+                            "(invariant 5): ", where, " slice=", key.first));
+      }
+    }
+    s.cancelled.insert(to);
   } else {
     Broken(absl::StrCat("a sender sent a ", MessageKindName(send.message), ": ", where));
   }
@@ -838,17 +865,19 @@ void World::CheckReceiver(Receiver& r) {
     Broken(absl::StrCat("a final receiver still has a deadline: receiver=", r.rank));
   }
   // Invariant 1 as the receiver knows it, which holds whatever the peers said:
-  // every expected sender fenced, or settled for every slice. (One that ended
-  // before Start expects no sender.)
+  // every expected sender fenced, or settled for every slice, or done by its own
+  // word (a Cancel) with no unsettled result. (One that ended before Start
+  // expects no sender.)
   if (!r.started) return;
   for (int64_t sender : r.senders) {
     if (r.fenced.count(sender) > 0) continue;
+    const bool released = r.released.count(sender) > 0;
     for (int64_t k = 0; k < slices_; ++k) {
       const auto first = r.first_result.find({k, sender});
-      if (first == r.first_result.end() || !first->second) {
-        Broken(absl::StrCat("final without a settled result or a fence (invariant 1): "
-                            "receiver=", r.rank, " sender=", sender, " slice=", k, " ",
-                            StateOf(r.session.state(), r.session.error())));
+      if (first == r.first_result.end() ? !released : !first->second) {
+        Broken(absl::StrCat("final without a settled result, a fence or the sender's "
+                            "Cancel (invariant 1): receiver=", r.rank, " sender=", sender,
+                            " slice=", k, " ", StateOf(r.session.state(), r.session.error())));
       }
     }
   }

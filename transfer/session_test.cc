@@ -228,6 +228,46 @@ TEST(SenderSessionTest, AReceiverThatGotEverythingIsToldWhenTheRequestFailsBefor
   }
 }
 
+// Found by //tools:transceiver_control_test (issue 11): a receiver whose request
+// data was lost gives up and cancels; the sender, holding no request data from it,
+// answered nothing, so after the report grace the receiver fenced the sender and
+// every other request in flight with it failed. It now answers with a Cancel of
+// its own once nothing is in flight to that receiver (invariant 5).
+TEST(SenderSessionTest, AReceiversCancelIsAnsweredOnceNothingIsInFlightToIt) {
+  {
+    SCOPED_TRACE("its request data never came");
+    SenderSession s(7, 0);
+    std::vector<SessionAction> actions;
+    ASSERT_OK(s.AddSlice(0, Slice(0, 32, true, {10, 11}), {}, kFar, &actions));
+    s.OnReceiverCancel(1, "receiver timed out", &actions);
+    EXPECT_EQ(s.state(), SessionState::kCancelled);
+    EXPECT_THAT(Sent<SliceResult>(actions), IsEmpty());
+    const auto cancels = Sent<Cancel>(actions);
+    ASSERT_EQ(cancels.size(), 1u);
+    EXPECT_EQ(cancels[0].first, 1);
+    EXPECT_EQ(cancels[0].second.from, Role::kContext);
+    EXPECT_EQ(cancels[0].second.sender_rank, 0);
+  }
+  for (const bool settled : {true, false}) {
+    SCOPED_TRACE(settled ? "a write in flight, then settled" : "a write in flight, unsettled");
+    SenderSession s(7, 0);
+    s.ExpectReceivers({0});
+    std::vector<SessionAction> actions;
+    ASSERT_OK(s.AddSlice(0, Slice(0, 32, true, {10, 11}), {}, kFar, &actions));
+    s.OnRequestData(Data(0, 0, true), &actions);
+    ASSERT_EQ(Only<PostSlice>(actions).size(), 1u);
+    s.OnReceiverCancel(0, "receiver timed out", &actions);
+    EXPECT_EQ(Only<CancelPosted>(actions).size(), 1u);
+    EXPECT_THAT(Sent<Cancel>(actions), IsEmpty()) << "a write may still land";
+    s.OnSliceEnded(0, 0, SliceOutcomeInfo{absl::AbortedError("cancelled"), settled, 0, 0},
+                   &actions);
+    ASSERT_EQ(Sent<SliceResult>(actions).size(), 1u);
+    // Unsettled: the receiver must fence this rank, so no word that it is done.
+    EXPECT_EQ(Sent<Cancel>(actions).size(), settled ? 1u : 0u);
+    EXPECT_EQ(s.state(), SessionState::kCancelled);
+  }
+}
+
 TEST(SenderSessionTest, DeadlineWithoutRequestDataFailsSettled) {
   SenderSession s(7, 0);
   std::vector<SessionAction> actions;
@@ -425,6 +465,38 @@ TEST(ReceiverSessionTest, CancelEndsCancelledOnceSendersReport) {
   r.OnResult(Result(0, 0, SliceOutcome::kFailed), kT0, &actions);
   r.OnResult(Result(1, 0, SliceOutcome::kFailed), kT0, &actions);
   EXPECT_EQ(r.state(), SessionState::kCancelled);
+}
+
+// A sender's Cancel: nothing more comes from it, so the receiver ends without the
+// report grace or a fence, keeping what it reported; an unsettled result still
+// needs the fence.
+TEST(ReceiverSessionTest, ASendersCancelReleasesItUnlessAWriteMayStillLand) {
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Start({{0, 1}, {1, 1}}, &actions);
+    r.OnResult(Result(0, 1, SliceOutcome::kSuccess), kT0, &actions);
+    r.OnDeadline(kT0 + absl::Seconds(10), &actions);  // sender 0 never answered
+    actions.clear();
+    r.OnSenderCancel(0, "nothing in flight", kT0 + absl::Seconds(10), &actions);
+    EXPECT_FALSE(IsFinal(r.state())) << "sender 1 still owes slice 1";
+    r.OnSenderCancel(1, "nothing in flight", kT0 + absl::Seconds(10), &actions);
+    EXPECT_EQ(r.state(), SessionState::kError);
+    EXPECT_THAT(r.error(), StatusIs(absl::StatusCode::kDeadlineExceeded));
+    EXPECT_THAT(Only<FenceSender>(actions), IsEmpty());
+    EXPECT_THAT(Sent<transfer::Cancel>(actions), IsEmpty());
+  }
+  {
+    ReceiverSession r(TwoSliceRequest());
+    std::vector<SessionAction> actions;
+    r.Start({{0, 1}}, &actions);
+    r.OnResult(Result(0, 0, SliceOutcome::kFailed, /*settled=*/false), kT0, &actions);
+    r.OnSenderCancel(0, "nothing in flight", kT0, &actions);
+    EXPECT_FALSE(IsFinal(r.state())) << "slice 0 may still land until the fence";
+    ASSERT_EQ(Only<FenceSender>(actions).size(), 1u);
+    r.OnSenderFenced(0, kT0, &actions);
+    EXPECT_EQ(r.state(), SessionState::kError);
+  }
 }
 
 TEST(ReceiverSessionTest, DisagreeingAuxTokensAreDataLoss) {

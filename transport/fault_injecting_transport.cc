@@ -21,7 +21,7 @@ using sync::MutexLock;
 
 FaultInjectingTransport::FaultInjectingTransport(std::unique_ptr<Transport> inner,
                                                  std::function<absl::Time()> clock)
-    : inner_(std::move(inner)), clock_(std::move(clock)) {}
+    : ForwardingTransport(std::move(inner)), clock_(std::move(clock)) {}
 
 void FaultInjectingTransport::FailNthWrite(int64_t n) {
   MutexLock lock(&mu_);
@@ -80,9 +80,9 @@ absl::StatusOr<TransferId> FaultInjectingTransport::PostWrites(
         "injected fault: remote write failed: peer=", peer, " write=", to_post));
   }
   if (to_post > 0 || writes.empty()) {
-    absl::StatusOr<TransferId> inner = inner_->PostWrites(peer, writes.subspan(0, to_post), deadline);
-    if (!inner.ok()) return inner.status();  // Nothing posted: the fault stays armed.
-    tracked.inner = *inner;
+    absl::StatusOr<TransferId> posted = inner().PostWrites(peer, writes.subspan(0, to_post), deadline);
+    if (!posted.ok()) return posted.status();  // Nothing posted: the fault stays armed.
+    tracked.inner = *posted;
   } else {
     tracked.inner_final = true;
     tracked.inner_result.state = TransferState::kDone;  // Nothing was posted.
@@ -104,7 +104,7 @@ absl::Status FaultInjectingTransport::CancelTransfer(TransferId id) {
   Tracked& t = it->second;
   if (t.inner_final || !t.injected.ok()) return absl::OkStatus();
   t.injected = absl::AbortedError(absl::StrCat("transfer cancelled: transfer=", id));
-  return inner_->CancelTransfer(*t.inner);
+  return inner().CancelTransfer(*t.inner);
 }
 
 absl::StatusOr<TransferStatus> FaultInjectingTransport::PollLocked(TransferId id) {
@@ -114,14 +114,14 @@ absl::StatusOr<TransferStatus> FaultInjectingTransport::PollLocked(TransferId id
   }
   Tracked& t = it->second;
   if (!t.inner_final) {
-    absl::StatusOr<TransferStatus> inner = inner_->PollTransfer(*t.inner);
-    if (!inner.ok()) return inner.status();
-    if (inner->final()) {
+    absl::StatusOr<TransferStatus> polled = inner().PollTransfer(*t.inner);
+    if (!polled.ok()) return polled.status();
+    if (polled->final()) {
       t.inner_final = true;
-      t.inner_result = *inner;
+      t.inner_result = *polled;
       t.inner_ended_at = clock_();
     } else if (t.injected.ok()) {
-      return *inner;  // kInProgress, or the wrapped transport's own kFailed.
+      return *polled;  // kInProgress, or the wrapped transport's own kFailed.
     }
   }
   TransferStatus result;

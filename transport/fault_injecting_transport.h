@@ -35,11 +35,12 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "sync/mutex.h"
+#include "transport/forwarding_transport.h"
 #include "transport/transport.h"
 
 namespace kvx::transport {
 
-class FaultInjectingTransport final : public Transport {
+class FaultInjectingTransport final : public ForwardingTransport {
  public:
   // `clock` decides when delayed completions are due (tests pass a fake); it must be
   // thread-safe. REQUIRES: `inner` is not null.
@@ -64,24 +65,6 @@ class FaultInjectingTransport final : public Transport {
   // Ends every fault set above (transfers already failed stay failed).
   void ClearFaults();
 
-  Transport& inner() { return *inner_; }
-
-  Capabilities capabilities() const override { return inner_->capabilities(); }
-  std::string address() const override { return inner_->address(); }
-  absl::StatusOr<RegionId> RegisterMemory(void* base, uint64_t length,
-                                          MemoryKind kind = MemoryKind::kHost) override {
-    return inner_->RegisterMemory(base, length, kind);
-  }
-  absl::Status DeregisterMemory(RegionId region) override {
-    return inner_->DeregisterMemory(region);
-  }
-  absl::StatusOr<PeerId> AddPeer(absl::string_view address) override {
-    return inner_->AddPeer(address);
-  }
-  absl::Status RemovePeer(PeerId peer) override { return inner_->RemovePeer(peer); }
-  absl::StatusOr<RegionDescriptor> GrantRemoteWrite(RegionId region, PeerId peer) override {
-    return inner_->GrantRemoteWrite(region, peer);
-  }
   absl::StatusOr<TransferId> PostWrites(PeerId peer, absl::Span<const WriteOp> writes,
                                         absl::Time deadline) override;
   absl::Status CancelTransfer(TransferId id) override;
@@ -102,7 +85,6 @@ class FaultInjectingTransport final : public Transport {
 
   absl::StatusOr<TransferStatus> PollLocked(TransferId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  const std::unique_ptr<Transport> inner_;
   const std::function<absl::Time()> clock_;
 
   sync::Mutex mu_;

@@ -303,7 +303,9 @@ struct Transceiver::Impl {
   void HandleResult(const std::string& from, const transfer::SliceResult& result);
   void HandleAux(const std::string& from, const transfer::AuxTokens& aux);
   void HandleCancel(const std::string& from, const transfer::Cancel& cancel);
-  void RunSender(SenderEntry& e, std::vector<SessionAction> actions);
+  // Messages go to the ranks of `instance_name` (empty: the request's instance).
+  void RunSender(SenderEntry& e, std::vector<SessionAction> actions,
+                 const std::string& instance_name = "");
   void RunReceiver(ReceiverEntry& e, std::vector<SessionAction> actions);
   void PlanAndPost(SenderEntry& e, int64_t slice_id, int64_t receiver,
                    std::vector<SessionAction>* out);
@@ -918,11 +920,11 @@ Transceiver::Impl::SenderEntry& Transceiver::Impl::Sender(uint64_t rid) {
   touched.insert(rid);
   // Request data that waits for the engine's task waits only so long.
   timers.emplace(e.started + options.request_data_ttl, rid);
-  auto cancelled = cancelled_early.find(rid);
-  if (cancelled != cancelled_early.end()) {
+  if (cancelled_early.count(rid) > 0) {
+    // The cancel stays remembered until it expires: a task or request data that
+    // comes later ends cancelled the same way, and this entry need not wait for it.
     std::vector<SessionAction> actions;
     e.session.Cancel("cancelled before this rank saw the request", &actions);
-    cancelled_early.erase(cancelled);
   }
   return e;
 }
@@ -1339,11 +1341,19 @@ void Transceiver::Impl::HandleCancel(const std::string& from, const transfer::Ca
     if (entry == senders.end()) {
       cancelled_early[cancel.unique_rid] = now + options.cancel_memory;
       timers.emplace(now + options.cancel_memory, cancel.unique_rid);
+      // Nothing of it is in flight from this rank, and a task or request data that
+      // comes later ends cancelled: say so (session.h, invariant 5).
+      Send(peer->info.control_address,
+           transfer::Cancel{cancel.unique_rid, self.rank, Role::kContext,
+                            "nothing of the request is in flight from this rank"});
       return;
     }
-    entry->second->session.Cancel(reason, &actions);
+    SenderEntry& e = *entry->second;
+    e.session.OnReceiverCancel(cancel.sender_rank, reason, &actions);
     touched.insert(cancel.unique_rid);
-    RunSender(*entry->second, std::move(actions));
+    // Without request data the request is tied to no instance yet: the answer goes
+    // to the rank that asked.
+    RunSender(e, std::move(actions), e.instance.empty() ? peer->info.instance : e.instance);
     return;
   }
   auto entry = receivers.find(cancel.unique_rid);
@@ -1352,18 +1362,19 @@ void Transceiver::Impl::HandleCancel(const std::string& from, const transfer::Ca
     timers.emplace(now + options.cancel_memory, cancel.unique_rid);
     return;
   }
-  entry->second->session.Cancel(reason, now, &actions);
+  entry->second->session.OnSenderCancel(cancel.sender_rank, reason, now, &actions);
   touched.insert(cancel.unique_rid);
   RunReceiver(*entry->second, std::move(actions));
 }
 
-void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> actions) {
+void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> actions,
+                                  const std::string& instance_name) {
   touched.insert(e.session.unique_rid());
   // Actions may produce more (a post that fails at once ends its pair).
   for (size_t i = 0; i < actions.size(); ++i) {
     SessionAction action = std::move(actions[i]);
     if (auto* send = std::get_if<transfer::SendMessage>(&action)) {
-      const PeerInstance& instance = instances[e.instance];
+      const PeerInstance& instance = instances[instance_name.empty() ? e.instance : instance_name];
       auto rank = instance.ranks.find(send->peer_rank);
       if (rank != instance.ranks.end()) Send(rank->second.info.control_address, send->message);
     } else if (auto* post = std::get_if<transfer::PostSlice>(&action)) {
@@ -2039,8 +2050,9 @@ void Transceiver::Impl::Publish() {
     if (auto s = senders.find(rid); s != senders.end()) {
       // A sender entry that request data alone created is reported only if the
       // engine asked for the request too (live holds only what the engine asked).
-      // One that ended before the engine's task came (cancelled, say) waits for that
-      // task for cancel_memory, so the task ends at once the same way.
+      // One that ended before the engine's task came waits for that task for
+      // cancel_memory, so the task ends at once the same way; one cancelled by a
+      // cancel that is remembered anyway (cancelled_early) need not.
       SenderEntry& e = *s->second;
       statuses.push_back(StatusOf(e));
       if (transfer::IsFinal(e.session.state()) && e.in_flight.empty() && e.staged.empty()) {
@@ -2052,6 +2064,9 @@ void Transceiver::Impl::Publish() {
             timers.emplace(cancelled_early[rid], rid);
           }
           senders.erase(s);
+        } else if (e.session.state() == SessionState::kCancelled &&
+                   cancelled_early.count(rid) > 0) {
+          senders.erase(s);  // Sender() ends a later task the same way.
         } else if (!e.unclaimed_until.has_value()) {
           e.unclaimed_until = absl::Now() + options.cancel_memory;
           timers.emplace(*e.unclaimed_until, rid);
@@ -2066,6 +2081,8 @@ void Transceiver::Impl::Publish() {
   }
   touched.clear();
   MutexLock lock(&mu);
+  // Entries come and go only with their request touched: the gauge is current.
+  metrics.sessions = static_cast<int64_t>(senders.size() + receivers.size());
   for (RequestStatus& status : statuses) {
     auto live_entry = live.find(status.unique_rid);
     if (live_entry == live.end()) continue;  // The engine never asked for it.

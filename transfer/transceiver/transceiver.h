@@ -235,6 +235,11 @@ struct TransceiverMetrics {
   int64_t staged_chunks = 0;    // staging mode: chunks delivered (sender) or scattered
   int64_t bad_messages = 0;     // undecodable, or contradicting what is known
   int64_t dropped_messages = 0; // for unknown requests or from unknown ranks
+  // A gauge, not a count: the requests this rank keeps books on now. Those in
+  // flight, request data waiting for the engine's task, and requests that ended
+  // before their task came (kept for cancel_memory). Final requests leave it
+  // whether or not the engine collected them; one that never leaves is a leak.
+  int64_t sessions = 0;
 };
 
 class Transceiver {

@@ -329,6 +329,35 @@ TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) 
   }
 }
 
+// The sessions gauge counts what a rank keeps books on, request data that waits for
+// the engine's task included (no status shows it), and drops to zero once the
+// request ended on both sides.
+TEST_F(TransceiverTest, SessionsGaugeCountsRequestDataWaitingForItsTask) {
+  const uint64_t rid = 24;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{4, 5, 6, 7}});
+  EXPECT_EQ(context_->transceiver->metrics().sessions, 0);
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 16;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  // A gauge cannot be awaited: poll it.
+  const absl::Time give_up = In(absl::Seconds(10));
+  while (context_->transceiver->metrics().sessions < 1 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(context_->transceiver->metrics().sessions, 1);
+  EXPECT_THAT(context_->transceiver->GetStatus(rid), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(generation_->transceiver->metrics().sessions, 1);
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 16)));
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_EQ(OneContext().state, SessionState::kFullyTransferred);
+  // Final requests left the books before they were reported.
+  EXPECT_EQ(context_->transceiver->metrics().sessions, 0);
+  EXPECT_EQ(generation_->transceiver->metrics().sessions, 0);
+}
+
 TEST_F(TransceiverTest, WholePromptCachedStillCompletes) {
   const uint64_t rid = 22;
   context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
