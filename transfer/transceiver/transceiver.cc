@@ -270,6 +270,8 @@ struct Transceiver::Impl {
   std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
   std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
   std::map<uint64_t, absl::Time> cancelled_early;  // rid -> forget after
+  // (sessions, remembered cancels) as last put in `metrics` (its gauges).
+  std::pair<int64_t, int64_t> published_gauges{0, 0};
   // Grant epochs increase for the rank's whole life, also across a peer instance
   // removed and added again, so a context rank never mistakes new grants for old.
   uint64_t last_epoch = 0;
@@ -701,7 +703,10 @@ absl::Status Transceiver::CancelRequest(uint64_t unique_rid) {
 
 TransceiverMetrics Transceiver::metrics() const {
   MutexLock lock(&impl_->mu);
-  return impl_->metrics;
+  TransceiverMetrics metrics = impl_->metrics;
+  metrics.live_requests = static_cast<int64_t>(
+      impl_->live.size() + impl_->done_context.size() + impl_->done_generation.size());
+  return metrics;
 }
 
 // --- The rank's thread -----------------------------------------------------------------
@@ -2033,7 +2038,10 @@ RequestStatus Transceiver::Impl::StatusOf(const ReceiverEntry& e) const {
 }
 
 void Transceiver::Impl::Publish() {
-  if (touched.empty()) return;
+  const std::pair<int64_t, int64_t> gauges{
+      static_cast<int64_t>(senders.size() + receivers.size()),
+      static_cast<int64_t>(cancelled_early.size())};
+  if (touched.empty() && gauges == published_gauges) return;
   std::vector<RequestStatus> statuses;
   for (uint64_t rid : touched) {
     if (auto s = senders.find(rid); s != senders.end()) {
@@ -2065,7 +2073,12 @@ void Transceiver::Impl::Publish() {
     }
   }
   touched.clear();
+  // After the erasures above, so a request collected final is no longer counted.
+  published_gauges = {static_cast<int64_t>(senders.size() + receivers.size()),
+                      static_cast<int64_t>(cancelled_early.size())};
   MutexLock lock(&mu);
+  metrics.sessions = published_gauges.first;
+  metrics.remembered_cancels = published_gauges.second;
   for (RequestStatus& status : statuses) {
     auto live_entry = live.find(status.unique_rid);
     if (live_entry == live.end()) continue;  // The engine never asked for it.

@@ -218,6 +218,41 @@ TEST_F(TransceiverTest, OneRequestMovesEveryByteAndItsAuxTokens) {
   for (int64_t slot : {0, 9, 14, 63}) EXPECT_TRUE(Untouched(*generation_, slot)) << slot;
 }
 
+// The gauges a soak run watches for leaks: a request is live from the engine's call
+// until it is collected, and once collected no session of it is held on either side.
+TEST_F(TransceiverTest, GaugesCountARequestUntilItIsCollected) {
+  const uint64_t rid = 23;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(generation_->transceiver->metrics().live_requests, 1);
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 8)));
+  EXPECT_EQ(context_->transceiver->metrics().live_requests, 1);
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_EQ(OneContext().state, SessionState::kFullyTransferred);
+  for (Rank* rank : {context_.get(), generation_.get()}) {
+    const TransceiverMetrics m = rank->transceiver->metrics();
+    EXPECT_EQ(m.live_requests, 0);
+    EXPECT_EQ(m.sessions, 0);
+    EXPECT_EQ(m.remembered_cancels, 0);
+  }
+
+  // A cancelled request is remembered (for receivers that ask later), and only so.
+  const uint64_t cancelled = 24;
+  context_->manager.AddRequestFromTables(cancelled, std::nullopt, {{2, 3}});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(cancelled, 8)));
+  ASSERT_OK(context_->transceiver->CancelRequest(cancelled));
+  EXPECT_EQ(OneContext().state, SessionState::kCancelled);
+  const TransceiverMetrics m = context_->transceiver->metrics();
+  EXPECT_EQ(m.live_requests, 0);
+  EXPECT_EQ(m.sessions, 0);
+  EXPECT_EQ(m.remembered_cancels, 1);
+}
+
 TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
   const uint64_t rid = 18;
   context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
