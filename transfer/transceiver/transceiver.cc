@@ -1567,6 +1567,8 @@ void Transceiver::Impl::FireTimers(absl::Time now) {
     for (const auto& [rid, e] : senders) {
       keep.emplace_back(e->session.deadline(), rid);
       keep.emplace_back(e->started + options.request_data_ttl, rid);
+      // Ended before any engine task came: let go at this time (Publish).
+      if (e->unclaimed_until.has_value()) keep.emplace_back(*e->unclaimed_until, rid);
     }
     for (const auto& [rid, e] : receivers) keep.emplace_back(e->timer, rid);
     for (const auto& [rid, until] : cancelled_early) keep.emplace_back(until, rid);

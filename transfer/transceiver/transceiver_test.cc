@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -89,7 +90,8 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
                                const transfer::Topology& topology,
                                TransportFactory create_transport = nullptr,
                                const TransceiverOptions::Staging* staging = nullptr,
-                               const transfer::ControlSecurity& security = {}) {
+                               const transfer::ControlSecurity& security = {},
+                               const std::function<void(TransceiverOptions*)>& adjust = nullptr) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -122,6 +124,7 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   options.report_grace = absl::Milliseconds(500);
   if (staging != nullptr) options.staging = *staging;
   options.control_security = security;
+  if (adjust) adjust(&options);
   absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
   EXPECT_OK(t.status());
   if (!t.ok()) return nullptr;
@@ -251,6 +254,73 @@ TEST_F(TransceiverTest, GaugesCountARequestUntilItIsCollected) {
   EXPECT_EQ(m.live_requests, 0);
   EXPECT_EQ(m.sessions, 0);
   EXPECT_EQ(m.remembered_cancels, 1);
+}
+
+// Found by `transceiver demo --soak` (issue 11): request data for a request the
+// context engine had already ended (cancelled, then asked for by the generation
+// side) opens a session no engine task claims; it is let go cancel_memory after it
+// ended, on a timer. Once enough other requests had ended, the rank thread rebuilt
+// its timer queue without that timer, and the session stayed for good: one leaked
+// session per such request.
+TEST(TransceiverTimersTest, AnUnclaimedSessionIsLetGoAfterTheTimersAreRebuilt) {
+  auto adjust = [](TransceiverOptions* options) {
+    options->cancel_memory = absl::Seconds(2);
+    options->request_data_ttl = absl::Minutes(10);  // the timer the rebuild kept
+  };
+  std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+                                           nullptr, nullptr, {}, adjust);
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, nullptr, {}, adjust);
+  ASSERT_NE(context, nullptr);
+  ASSERT_NE(generation, nullptr);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  GenerationRequest receive;
+  receive.prompt_len = 4;
+  receive.context_instance = "prefill";
+  // The context engine cancels request 1 and collects it; then the generation side
+  // asks for it, and hears the cancel.
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0}});
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 4)));
+  ASSERT_OK(context->transceiver->CancelRequest(1));
+  std::vector<RequestStatus> done = context->transceiver->CheckContextTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kCancelled);
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{0}});
+  receive.unique_rid = 1;
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  done = generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_NE(done[0].state, SessionState::kFullyTransferred);
+  // The gauge follows on the rank thread's pass (no notification: look every 10 ms).
+  auto wait_for_sessions = [&context](int64_t n, absl::Time deadline) {
+    while (context->transceiver->metrics().sessions != n && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return context->transceiver->metrics().sessions;
+  };
+  EXPECT_EQ(wait_for_sessions(1, In(absl::Seconds(1))), 1);  // the unclaimed one
+  // 640 requests end, leaving more than 1024 stale timers on the context rank
+  // (each its deadline and its request-data bound): the queue is rebuilt.
+  for (uint64_t round = 0; round < 10; ++round) {
+    for (int64_t i = 0; i < kSlots; ++i) {
+      const uint64_t rid = 1000 + round * kSlots + i;
+      context->manager.AddRequestFromTables(rid, std::nullopt, {{i}});
+      generation->manager.AddRequestFromTables(rid, std::nullopt, {{i}});
+      receive.unique_rid = rid;
+      ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+      ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(rid, 4)));
+    }
+    const absl::Time round_deadline = In(absl::Seconds(60));
+    for (size_t gen = 0, ctx = 0; gen < kSlots || ctx < kSlots;) {
+      gen += generation->transceiver->CheckGenTransferStatus(0, In(absl::Milliseconds(10))).size();
+      ctx += context->transceiver->CheckContextTransferStatus(0, In(absl::Milliseconds(10))).size();
+      ASSERT_LT(absl::Now(), round_deadline) << "round=" << round << " gen=" << gen << " ctx=" << ctx;
+    }
+  }
+  // The unclaimed session goes cancel_memory after it ended, not request_data_ttl
+  // after it opened.
+  EXPECT_EQ(wait_for_sessions(0, In(absl::Seconds(20))), 0);
 }
 
 TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
