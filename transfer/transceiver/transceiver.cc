@@ -183,6 +183,7 @@ struct Transceiver::Impl {
     StagedJob* job = nullptr;
     transfer::StagedChunk chunk;
     uint64_t bytes = 0;
+    uint64_t grant_epoch = 0;  // the receiver's grants it was posted under
   };
   // Context side, per generation rank that offered staging.
   struct SendStaging {
@@ -238,6 +239,9 @@ struct Transceiver::Impl {
     int64_t chunks = 0;         // chunks delivered
     uint64_t bytes = 0;         // delivered
     absl::Status error;         // the first failure; stops staging
+    // A chunk's write failed unsettled: bytes may still land in the receiver's
+    // slot, so the pair is reported unsettled and the receiver fences this rank.
+    bool unsettled = false;
     bool done() const { return next == fragments.size(); }
   };
   struct SenderEntry {
@@ -1170,6 +1174,15 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
                staging->local.slots == offer->slots) {
       staging->remote = transport::RegionDescriptor{offer->region.address, offer->region.length,
                                                     offer->region.key};
+      // Newer grants: the receiver fenced this rank, or forgot it and made a new
+      // arena. Nothing written before can land any more, and credits for chunks
+      // before may never come (a new arena owes none): every slot not being
+      // written now is free. (A chunk announced before the fence is not scattered:
+      // the fence failed every request that waited on this rank.)
+      for (uint32_t slot = 0; slot < staging->busy.size(); ++slot) {
+        if (staging->in_flight.count(slot) == 0) staging->busy[slot] = false;
+      }
+      PumpStaging(*rank);
     } else if (staging == nullptr || staging->in_flight.empty()) {
       absl::StatusOr<std::unique_ptr<Arena>> local = MakeArena(offer->slot_bytes, offer->slots);
       if (local.ok()) {
@@ -1824,7 +1837,7 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
     staging.busy[slot] = true;
     staging.seq[slot] = chunk.seq;
     ++job.in_flight;
-    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used};
+    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used, peer.grant_epoch};
   }
 }
 
@@ -1851,10 +1864,14 @@ void Transceiver::Impl::PollStaging() {
           Send(peer.info.control_address, write.chunk);
         } else {
           // Never scattered (no StagedChunk goes out), so no byte of it reaches the
-          // receiver's pools: the pair's failure is settled. The slot is usable again
-          // only if nothing can still land in it.
-          const bool settled = status.ok() && status->target_settled;
+          // receiver's pools. The slot is usable again only if nothing can still land
+          // in it: the write settled, or the receiver fenced this rank since (its
+          // grants are newer). Else the pair is reported unsettled, so that the
+          // receiver fences this rank, and the slot waits for those new grants.
+          const bool settled = (status.ok() && status->target_settled) ||
+                               write.grant_epoch < peer.grant_epoch;
           if (settled) staging.busy[it->first] = false;
+          job.unsettled |= !settled;
           if (job.error.ok()) {
             job.error = status.ok() ? status->error : status.status();
             job.next = job.fragments.size();
@@ -1885,7 +1902,7 @@ void Transceiver::Impl::EndStagedJob(StagedJob& job) {
   }
   transfer::SliceOutcomeInfo outcome;
   outcome.status = job.error;
-  outcome.settled = true;
+  outcome.settled = !job.unsettled;
   outcome.bytes = job.bytes;
   outcome.writes = job.chunks;
   outcome.staged_chunks = job.chunks;
