@@ -14,14 +14,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>  // NOLINT(build/c++11)
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "tools/transceiver_harness.h"
@@ -104,6 +107,21 @@ absl::StatusOr<std::string> ChildProcess::ReadLine(absl::Time deadline) {
   }
 }
 
+absl::Status ChildProcess::WriteLine(absl::string_view line) {
+  std::string out = absl::StrCat(line, "\n");
+  size_t written = 0;
+  while (written < out.size()) {
+    const ssize_t n = write(stdin_, out.data() + written, out.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return absl::UnavailableError(absl::StrCat("cannot write to the child's stdin: pid=", pid_,
+                                                 ": ", std::strerror(errno)));
+    }
+    written += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
 void ChildProcess::CloseStdin() {
   if (stdin_ >= 0) close(stdin_);
   stdin_ = -1;
@@ -132,14 +150,23 @@ absl::StatusOr<int> ChildProcess::Wait(absl::Time deadline) {
   }
 }
 
-void ExitWhenClosed(int fd, const std::atomic<bool>* finished) {
-  std::thread([fd, finished] {
+void ExitWhenClosed(int fd, const std::atomic<bool>* finished,
+                    std::function<void(std::string)> on_line) {
+  std::thread([fd, finished, on_line = std::move(on_line)] {
     char byte;
+    std::string line;
     for (;;) {
       const ssize_t n = read(fd, &byte, 1);
       if (n == 0 || (n < 0 && errno != EINTR)) {
         std::fflush(stdout);
         std::_Exit(finished->load() ? 0 : 3);
+      }
+      if (n < 0 || !on_line) continue;
+      if (byte != '\n') {
+        line.push_back(byte);
+      } else {
+        on_line(std::move(line));
+        line.clear();
       }
     }
   }).detach();

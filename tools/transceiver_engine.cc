@@ -428,6 +428,8 @@ absl::StatusOr<std::unique_ptr<Rank>> Rank::Create(const InstanceOptions& option
   t.control_bind = absl::StrCat("tcp://", options.control_host, ":0");
   t.default_request_timeout = options.request_timeout;
   t.report_grace = options.report_grace;
+  t.cancel_memory = options.cancel_memory;
+  t.request_data_ttl = options.request_data_ttl;
   absl::StatusOr<std::unique_ptr<transceiver::Transceiver>> created =
       transceiver::Transceiver::Create(t, std::move(setup));
   if (!created.ok()) {

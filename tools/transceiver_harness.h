@@ -309,6 +309,9 @@ struct InstanceOptions {
   int64_t num_slots = 0;
   absl::Duration request_timeout = absl::Seconds(60);
   absl::Duration report_grace = absl::Seconds(2);
+  // TransceiverOptions' (a soak run shortens them, so what they keep drains).
+  absl::Duration cancel_memory = absl::Seconds(60);
+  absl::Duration request_data_ttl = absl::Seconds(60);
   // Fill released slots with the free pattern and check it when they are taken
   // again (catches bytes that land after a request was final).
   bool check_free_slots = true;
@@ -571,6 +574,9 @@ class ChildProcess {
   // One line of its stdout, without the newline. Errors: DeadlineExceeded;
   // Unavailable when it closed its stdout (exited).
   ABSL_MUST_USE_RESULT absl::StatusOr<std::string> ReadLine(absl::Time deadline);
+  // Writes `line` and a newline to its stdin. Errors: Unavailable when it is
+  // closed (the child exited; SIGPIPE must be ignored).
+  ABSL_MUST_USE_RESULT absl::Status WriteLine(absl::string_view line);
   // Closes its stdin (a child started with --exit_on_stdin_eof then exits).
   void CloseStdin();
   void Kill(int signal);
@@ -591,8 +597,10 @@ class ChildProcess {
 // Exits this process when `fd` reaches end of file: a child's tie to its parent,
 // which holds the other end of the pipe. Status 0 once `*finished` is true, else 3
 // (the parent went away mid-run). Runs a detached thread; `finished` must live
-// until the process ends.
-void ExitWhenClosed(int fd, const std::atomic<bool>* finished);
+// until the process ends. Each line read before (without its newline) goes to
+// `on_line`, on that thread, when given.
+void ExitWhenClosed(int fd, const std::atomic<bool>* finished,
+                    std::function<void(std::string)> on_line = nullptr);
 
 }  // namespace kvx::harness
 

@@ -4,13 +4,17 @@
 //                            processes on 127.0.0.1 (loopback: both in this one)
 //   transceiver context      one side each, for two machines: the context side
 //   transceiver generation   prints its control addresses; give them to the other
+//   transceiver demo --soak  batch after batch on the same instances for --seconds,
+//                            faults injected, resources watched (tools/transceiver_soak.h)
 //
 // Results go to stdout: a table, then one JSON document on the last line.
 // Diagnostics and the progress line go to stderr. Exit status: 0 every byte right
-// and no request failed but the cancelled; 1 a wrong byte, a late write or a failed
-// request; 2 a setup error (flags, processes, handshake); 3 (a child of `demo`)
-// its parent went away. See tools/TRANSCEIVER.md.
+// and no request failed but the cancelled (soak: every check passed); 1 a wrong
+// byte, a late write or a failed request (soak: a failed check, a side gone); 2 a
+// setup error (flags, processes, handshake); 3 (a child of `demo`) its parent went
+// away. See tools/TRANSCEIVER.md.
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -19,6 +23,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -35,6 +40,7 @@
 #include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 #include "tools/transceiver_harness.h"
+#include "tools/transceiver_soak.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/scenario.h"
@@ -90,6 +96,23 @@ ABSL_FLAG(double, linger_s, 30,
 ABSL_FLAG(bool, check_free_slots, true,
           "generation: check that freed slots stay untouched until reused");
 ABSL_FLAG(bool, progress, true, "a progress line on stderr");
+// Soak mode (TRANSCEIVER.md, "Soak").
+ABSL_FLAG(bool, soak, false,
+          "demo: run batch after batch on the same instances for --seconds, injecting faults "
+          "and watching memory, file descriptors, registrations and sessions");
+ABSL_FLAG(double, seconds, 60, "soak: no batch starts after this many seconds");
+ABSL_FLAG(int64_t, soak_batch_requests, 300, "soak: requests per batch");
+ABSL_FLAG(std::string, soak_faults, "write,delay,drop,reconnect",
+          "soak: faults cycled through by every other batch (empty: none)");
+ABSL_FLAG(int64_t, soak_fault_window, 8,
+          "soak: delay and drop faults stay on until this many more requests per rank ended");
+ABSL_FLAG(double, soak_request_timeout_s, 5,
+          "soak: replaces --request_timeout_s (a delayed completion costs a batch this long)");
+ABSL_FLAG(double, soak_warmup_s, 10, "soak: resources are compared with the first sample after this");
+ABSL_FLAG(double, soak_report_interval_s, 10, "soak: a progress line on stderr this often");
+ABSL_FLAG(int64_t, soak_rss_slack_mb, 64, "soak: RSS growth allowed per process, warm-up to end");
+ABSL_FLAG(int64_t, soak_fd_slack, 8, "soak: open file descriptors' growth allowed per process");
+ABSL_FLAG(int64_t, soak_thread_slack, 2, "soak: threads' growth allowed per process");
 // Between `demo` and its children.
 ABSL_FLAG(bool, json_only, false, "print only JSON lines on stdout (used by demo's children)");
 ABSL_FLAG(bool, exit_on_stdin_eof, false,
@@ -171,6 +194,14 @@ absl::StatusOr<RunOptions> OptionsFromFlags() {
   }
   o.request_timeout = absl::Seconds(timeout);
   o.run_timeout = absl::Seconds(run);
+  if (absl::GetFlag(FLAGS_soak)) {
+    const double soak_timeout = absl::GetFlag(FLAGS_soak_request_timeout_s);
+    if (!(soak_timeout > 0 && soak_timeout < 1e6)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("soak_request_timeout_s must be positive: soak_request_timeout_s=", soak_timeout));
+    }
+    o.request_timeout = absl::Seconds(soak_timeout);
+  }
   o.check_free_slots = absl::GetFlag(FLAGS_check_free_slots);
   o.progress = absl::GetFlag(FLAGS_progress);
   // Bad shapes and models are refused here, before any process or socket.
@@ -191,6 +222,43 @@ absl::StatusOr<RunOptions> OptionsFromFlags() {
     }
   }
   return o;
+}
+
+absl::StatusOr<SoakOptions> SoakOptionsFromFlags(const RunOptions& run) {
+  SoakOptions soak;
+  const std::pair<const char*, double> seconds[] = {
+      {"seconds", absl::GetFlag(FLAGS_seconds)},
+      {"soak_warmup_s", absl::GetFlag(FLAGS_soak_warmup_s)},
+      {"soak_report_interval_s", absl::GetFlag(FLAGS_soak_report_interval_s)}};
+  for (const auto& [name, value] : seconds) {
+    if (!(value >= 0 && value < 1e7)) {
+      return absl::InvalidArgumentError(absl::StrCat("out of [0, 1e7) seconds: ", name, "=", value));
+    }
+  }
+  soak.duration = absl::Seconds(absl::GetFlag(FLAGS_seconds));
+  soak.warmup = absl::Seconds(absl::GetFlag(FLAGS_soak_warmup_s));
+  soak.report_interval = absl::Seconds(absl::GetFlag(FLAGS_soak_report_interval_s));
+  soak.batch_timeout = run.run_timeout;
+  soak.batch_requests = absl::GetFlag(FLAGS_soak_batch_requests);
+  soak.fault_window = absl::GetFlag(FLAGS_soak_fault_window);
+  soak.rss_slack_kb = absl::GetFlag(FLAGS_soak_rss_slack_mb) * 1024;
+  soak.fd_slack = absl::GetFlag(FLAGS_soak_fd_slack);
+  soak.thread_slack = absl::GetFlag(FLAGS_soak_thread_slack);
+  if (soak.batch_requests < 1 || soak.batch_requests > (int64_t{1} << 20) || soak.fault_window < 0 ||
+      soak.rss_slack_kb < 0 || soak.fd_slack < 0 || soak.thread_slack < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "soak sizes out of range: soak_batch_requests=", soak.batch_requests, " (1..2^20)",
+        " soak_fault_window=", soak.fault_window, " slacks=", soak.rss_slack_kb, ",",
+        soak.fd_slack, ",", soak.thread_slack, " (>= 0)"));
+  }
+  soak.faults.clear();
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_soak_faults), ',', absl::SkipEmpty())) {
+    absl::StatusOr<FaultKind> kind = ParseFaultKind(name);
+    if (!kind.ok()) return kind.status();
+    if (*kind != FaultKind::kNone) soak.faults.push_back(*kind);
+  }
+  return soak;
 }
 
 json Document(const std::string& command, const SideReport* context,
@@ -258,14 +326,64 @@ int RunOneSide(const RunOptions& options, Role role) {
     }
     if (context) absl::SleepFor(absl::Seconds(absl::GetFlag(FLAGS_linger_s)));
   };
-  const std::vector<std::string> addresses = absl::GetFlag(FLAGS_context_addresses);
-  if (role == Role::kGeneration && addresses.empty()) {
-    return Fail(absl::InvalidArgumentError(
-        "generation needs --context_addresses (printed by `transceiver context`)"));
-  }
-  absl::StatusOr<SideReport> report = RunSide(options, role, addresses, hooks);
+  absl::StatusOr<SideReport> report =
+      RunSide(options, role, absl::GetFlag(FLAGS_context_addresses), hooks);
   if (!report.ok()) return Fail(report.status());
   return ExitCode(report->ok());
+}
+
+// `demo`'s two children: the context side, whose control addresses cross its
+// stdout, then the generation side with them.
+struct Children {
+  std::unique_ptr<ChildProcess> context;
+  std::unique_ptr<ChildProcess> generation;
+};
+
+absl::StatusOr<Children> StartChildren(const std::vector<std::string>& forwarded) {
+  Children children;
+  std::vector<std::string> context_args = {"context"};
+  context_args.insert(context_args.end(), forwarded.begin(), forwarded.end());
+  context_args.insert(context_args.end(), {"--json_only", "--exit_on_stdin_eof", "--progress=false"});
+  absl::StatusOr<std::unique_ptr<ChildProcess>> context =
+      ChildProcess::Spawn("/proc/self/exe", context_args);
+  if (!context.ok()) return context.status();
+  children.context = *std::move(context);
+  absl::StatusOr<std::string> line = children.context->ReadLine(absl::Now() + absl::Seconds(60));
+  if (!line.ok()) {
+    return absl::Status(line.status().code(), absl::StrCat("context child: ", line.status().message()));
+  }
+  const json addresses = json::parse(*line, nullptr, /*allow_exceptions=*/false);
+  if (!addresses.is_object() || !addresses.contains("control_addresses") ||
+      !addresses["control_addresses"].is_array()) {
+    return absl::InternalError(absl::StrCat("context child said: ", *line));
+  }
+  std::vector<std::string> list;
+  for (const json& a : addresses["control_addresses"]) {
+    if (!a.is_string()) return absl::InternalError("context child sent a bad address");
+    list.push_back(a.get<std::string>());
+  }
+  std::vector<std::string> generation_args = {"generation"};
+  generation_args.insert(generation_args.end(), forwarded.begin(), forwarded.end());
+  generation_args.insert(generation_args.end(),
+                         {"--json_only", "--exit_on_stdin_eof",
+                          absl::StrCat("--context_addresses=", absl::StrJoin(list, ","))});
+  absl::StatusOr<std::unique_ptr<ChildProcess>> generation =
+      ChildProcess::Spawn("/proc/self/exe", generation_args);
+  if (!generation.ok()) return generation.status();
+  children.generation = *std::move(generation);
+  return children;
+}
+
+// Closes the children's stdin (their cue to exit) and reaps them.
+void EndChildren(Children& children) {
+  for (ChildProcess* child : {children.context.get(), children.generation.get()}) {
+    child->CloseStdin();
+    absl::StatusOr<int> exit = child->Wait(absl::Now() + absl::Seconds(10));
+    if (!exit.ok() || *exit != 0) {
+      std::fprintf(stderr, "transceiver: a child did not exit cleanly: %s\n",
+                   exit.ok() ? absl::StrCat("status=", *exit).c_str() : exit.status().ToString().c_str());
+    }
+  }
 }
 
 // `demo`: both sides; children over a network transport, this process over loopback.
@@ -278,36 +396,12 @@ int Demo(const RunOptions& options, const std::vector<std::string>& forwarded) {
     PrintLine(Document("demo", &report->context, &report->generation, report->seconds));
     return ExitCode(report->ok());
   }
-  std::vector<std::string> context_args = {"context"};
-  context_args.insert(context_args.end(), forwarded.begin(), forwarded.end());
-  context_args.insert(context_args.end(), {"--json_only", "--exit_on_stdin_eof", "--progress=false"});
-  absl::StatusOr<std::unique_ptr<ChildProcess>> context =
-      ChildProcess::Spawn("/proc/self/exe", context_args);
-  if (!context.ok()) return Fail(context.status());
-  absl::StatusOr<std::string> line = (*context)->ReadLine(absl::Now() + absl::Seconds(60));
-  if (!line.ok()) return Fail(absl::Status(line.status().code(), absl::StrCat("context child: ", line.status().message())));
-  const json addresses = json::parse(*line, nullptr, /*allow_exceptions=*/false);
-  if (!addresses.is_object() || !addresses.contains("control_addresses") ||
-      !addresses["control_addresses"].is_array()) {
-    return Fail(absl::InternalError(absl::StrCat("context child said: ", *line)));
-  }
-  std::vector<std::string> list;
-  for (const json& a : addresses["control_addresses"]) {
-    if (!a.is_string()) return Fail(absl::InternalError("context child sent a bad address"));
-    list.push_back(a.get<std::string>());
-  }
-  std::vector<std::string> generation_args = {"generation"};
-  generation_args.insert(generation_args.end(), forwarded.begin(), forwarded.end());
-  generation_args.insert(generation_args.end(),
-                         {"--json_only", "--exit_on_stdin_eof",
-                          absl::StrCat("--context_addresses=", absl::StrJoin(list, ","))});
-  absl::StatusOr<std::unique_ptr<ChildProcess>> generation =
-      ChildProcess::Spawn("/proc/self/exe", generation_args);
-  if (!generation.ok()) return Fail(generation.status());
+  absl::StatusOr<Children> children = StartChildren(forwarded);
+  if (!children.ok()) return Fail(children.status());
   const absl::Time deadline = start + options.run_timeout + absl::Seconds(60);
   std::optional<SideReport> reports[2];
   for (int i : {1, 0}) {  // generation first: the context side ends no later
-    ChildProcess& child = i == 0 ? **context : **generation;
+    ChildProcess& child = i == 0 ? *children->context : *children->generation;
     absl::StatusOr<std::string> report_line = child.ReadLine(deadline);
     if (!report_line.ok()) {
       return Fail(absl::Status(report_line.status().code(),
@@ -319,18 +413,78 @@ int Demo(const RunOptions& options, const std::vector<std::string>& forwarded) {
     if (!report.ok()) return Fail(report.status());
     reports[i] = *std::move(report);
   }
-  for (ChildProcess* child : {context->get(), generation->get()}) {
-    child->CloseStdin();
-    absl::StatusOr<int> exit = child->Wait(absl::Now() + absl::Seconds(10));
-    if (!exit.ok() || *exit != 0) {
-      std::fprintf(stderr, "transceiver: a child did not exit cleanly: %s\n",
-                   exit.ok() ? absl::StrCat("status=", *exit).c_str() : exit.status().ToString().c_str());
-    }
-  }
+  EndChildren(*children);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   std::printf("%s", FormatTable(*reports[0], *reports[1], seconds).c_str());
   PrintLine(Document("demo", &*reports[0], &*reports[1], seconds));
   return ExitCode(reports[0]->ok() && reports[1]->ok());
+}
+
+// `demo --soak`: both sides in this process over loopback, else the two children,
+// which run `context --soak` and `generation --soak` (SoakChild).
+int SoakDemo(const RunOptions& options, const SoakOptions& soak,
+             const std::vector<std::string>& forwarded) {
+  signal(SIGPIPE, SIG_IGN);  // a child gone is an error from WriteLine, not our end
+  absl::StatusOr<SoakReport> report;
+  if (options.transport.kind == "loopback") {
+    absl::StatusOr<std::unique_ptr<SoakSide>> context = SoakSide::Create(options, Role::kContext, soak);
+    if (!context.ok()) return Fail(context.status());
+    absl::StatusOr<std::unique_ptr<SoakSide>> generation =
+        SoakSide::Create(options, Role::kGeneration, soak);
+    if (!generation.ok()) return Fail(generation.status());
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    absl::Status connected = (*generation)->Connect((*context)->control_addresses(), deadline);
+    if (connected.ok()) connected = (*context)->Connect({}, deadline);
+    if (!connected.ok()) return Fail(connected);
+    InProcessSoakLink context_link(context->get());
+    InProcessSoakLink generation_link(generation->get());
+    report = RunSoak(options, soak, context_link, generation_link);
+  } else {
+    absl::StatusOr<Children> children = StartChildren(forwarded);
+    if (!children.ok()) return Fail(children.status());
+    ChildSoakLink context_link(children->context.get());
+    ChildSoakLink generation_link(children->generation.get());
+    report = RunSoak(options, soak, context_link, generation_link);
+    if (report.ok()) EndChildren(*children);
+  }
+  if (!report.ok()) {
+    // Set up, then a side that went away or could not run a batch: a failure found.
+    std::fprintf(stderr, "transceiver: the soak stopped: %s\n", report.status().ToString().c_str());
+    return kExitFailed;
+  }
+  std::printf("%s", FormatSoakTable(*report).c_str());
+  PrintLine(ToJson(*report));
+  return ExitCode(report->ok());
+}
+
+// `context --soak` and `generation --soak`: one side of demo's soak, which sends
+// commands (JSON lines) on stdin; each answer is a JSON line on stdout.
+int SoakChild(const RunOptions& options, const SoakOptions& soak, Role role) {
+  static std::atomic<bool> finished{false};
+  static LineQueue* const commands = new LineQueue();  // the stdin reader's, for good
+  ExitWhenClosed(STDIN_FILENO, &finished,
+                 [](std::string line) { commands->Push(std::move(line)); });
+  absl::StatusOr<std::unique_ptr<SoakSide>> side = SoakSide::Create(options, role, soak);
+  if (!side.ok()) return Fail(side.status());
+  if (role == Role::kContext) PrintLine(json{{"control_addresses", (*side)->control_addresses()}});
+  absl::Status connected = (*side)->Connect(absl::GetFlag(FLAGS_context_addresses),
+                                            absl::Now() + absl::Seconds(60));
+  if (!connected.ok()) {
+    PrintLine(json{{"error", connected.ToString()}});
+    return Fail(connected);
+  }
+  for (;;) {
+    finished.store(true);  // between commands, a closed stdin is the end
+    std::optional<std::string> line =
+        commands->Pop(absl::Now() + 2 * soak.batch_timeout + absl::Minutes(2));
+    if (!line.has_value()) {
+      return Fail(absl::DeadlineExceededError("soak: no command from the demo in time"));
+    }
+    finished.store(false);
+    const json answer = (*side)->Execute(json::parse(*line, nullptr, /*allow_exceptions=*/false));
+    finished.store(true);
+    PrintLine(answer);
+  }
 }
 
 }  // namespace
@@ -354,6 +508,12 @@ int main(int argc, char** argv) {
   }
   absl::StatusOr<kvx::harness::RunOptions> options = kvx::harness::OptionsFromFlags();
   if (!options.ok()) return kvx::harness::Fail(options.status());
+  std::optional<kvx::harness::SoakOptions> soak;
+  if (absl::GetFlag(FLAGS_soak)) {
+    absl::StatusOr<kvx::harness::SoakOptions> parsed = kvx::harness::SoakOptionsFromFlags(*options);
+    if (!parsed.ok()) return kvx::harness::Fail(parsed.status());
+    soak = *std::move(parsed);
+  }
   if (command == "demo") {
     // The children get our flags as they were given; the command word goes.
     std::vector<std::string> forwarded;
@@ -365,12 +525,19 @@ int main(int argc, char** argv) {
       }
       forwarded.push_back(argv[i]);
     }
-    return kvx::harness::Demo(*options, forwarded);
+    return soak.has_value() ? kvx::harness::SoakDemo(*options, *soak, forwarded)
+                            : kvx::harness::Demo(*options, forwarded);
   }
   if (options->transport.kind == "loopback") {
     return kvx::harness::Fail(absl::InvalidArgumentError(
         "--transport=loopback works only inside one process: use it with `demo`"));
   }
-  return kvx::harness::RunOneSide(*options, command == "context" ? kvx::transfer::Role::kContext
-                                                                 : kvx::transfer::Role::kGeneration);
+  const kvx::transfer::Role role =
+      command == "context" ? kvx::transfer::Role::kContext : kvx::transfer::Role::kGeneration;
+  if (role == kvx::transfer::Role::kGeneration && absl::GetFlag(FLAGS_context_addresses).empty()) {
+    return kvx::harness::Fail(absl::InvalidArgumentError(
+        "generation needs --context_addresses (printed by `transceiver context`)"));
+  }
+  return soak.has_value() ? kvx::harness::SoakChild(*options, *soak, role)
+                          : kvx::harness::RunOneSide(*options, role);
 }

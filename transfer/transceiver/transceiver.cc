@@ -183,6 +183,7 @@ struct Transceiver::Impl {
     StagedJob* job = nullptr;
     transfer::StagedChunk chunk;
     uint64_t bytes = 0;
+    uint64_t grant_epoch = 0;  // the receiver's grants it was posted under
   };
   // Context side, per generation rank that offered staging.
   struct SendStaging {
@@ -238,6 +239,9 @@ struct Transceiver::Impl {
     int64_t chunks = 0;         // chunks delivered
     uint64_t bytes = 0;         // delivered
     absl::Status error;         // the first failure; stops staging
+    // A chunk's write failed unsettled: bytes may still land in the receiver's
+    // slot, so the pair is reported unsettled and the receiver fences this rank.
+    bool unsettled = false;
     bool done() const { return next == fragments.size(); }
   };
   struct SenderEntry {
@@ -270,6 +274,8 @@ struct Transceiver::Impl {
   std::map<uint64_t, std::unique_ptr<SenderEntry>> senders;
   std::map<uint64_t, std::unique_ptr<ReceiverEntry>> receivers;
   std::map<uint64_t, absl::Time> cancelled_early;  // rid -> forget after
+  // (sessions, remembered cancels) as last put in `metrics` (its gauges).
+  std::pair<int64_t, int64_t> published_gauges{0, 0};
   // Grant epochs increase for the rank's whole life, also across a peer instance
   // removed and added again, so a context rank never mistakes new grants for old.
   uint64_t last_epoch = 0;
@@ -703,7 +709,10 @@ absl::Status Transceiver::CancelRequest(uint64_t unique_rid) {
 
 TransceiverMetrics Transceiver::metrics() const {
   MutexLock lock(&impl_->mu);
-  return impl_->metrics;
+  TransceiverMetrics metrics = impl_->metrics;
+  metrics.live_requests = static_cast<int64_t>(
+      impl_->live.size() + impl_->done_context.size() + impl_->done_generation.size());
+  return metrics;
 }
 
 // --- The rank's thread -----------------------------------------------------------------
@@ -1167,6 +1176,15 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
                staging->local.slots == offer->slots) {
       staging->remote = transport::RegionDescriptor{offer->region.address, offer->region.length,
                                                     offer->region.key};
+      // Newer grants: the receiver fenced this rank, or forgot it and made a new
+      // arena. Nothing written before can land any more, and credits for chunks
+      // before may never come (a new arena owes none): every slot not being
+      // written now is free. (A chunk announced before the fence is not scattered:
+      // the fence failed every request that waited on this rank.)
+      for (uint32_t slot = 0; slot < staging->busy.size(); ++slot) {
+        if (staging->in_flight.count(slot) == 0) staging->busy[slot] = false;
+      }
+      PumpStaging(*rank);
     } else if (staging == nullptr || staging->in_flight.empty()) {
       absl::StatusOr<std::unique_ptr<Arena>> local = MakeArena(offer->slot_bytes, offer->slots);
       if (local.ok()) {
@@ -1573,6 +1591,8 @@ void Transceiver::Impl::FireTimers(absl::Time now) {
     for (const auto& [rid, e] : senders) {
       keep.emplace_back(e->session.deadline(), rid);
       keep.emplace_back(e->started + options.request_data_ttl, rid);
+      // Ended before any engine task came: let go at this time (Publish).
+      if (e->unclaimed_until.has_value()) keep.emplace_back(*e->unclaimed_until, rid);
     }
     for (const auto& [rid, e] : receivers) keep.emplace_back(e->timer, rid);
     for (const auto& [rid, until] : cancelled_early) keep.emplace_back(until, rid);
@@ -1828,7 +1848,7 @@ void Transceiver::Impl::PumpStaging(PeerRank& peer) {
     staging.busy[slot] = true;
     staging.seq[slot] = chunk.seq;
     ++job.in_flight;
-    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used};
+    staging.in_flight[slot] = StagedWrite{*id, &job, std::move(chunk), used, peer.grant_epoch};
   }
 }
 
@@ -1855,10 +1875,14 @@ void Transceiver::Impl::PollStaging() {
           Send(peer.info.control_address, write.chunk);
         } else {
           // Never scattered (no StagedChunk goes out), so no byte of it reaches the
-          // receiver's pools: the pair's failure is settled. The slot is usable again
-          // only if nothing can still land in it.
-          const bool settled = status.ok() && status->target_settled;
+          // receiver's pools. The slot is usable again only if nothing can still land
+          // in it: the write settled, or the receiver fenced this rank since (its
+          // grants are newer). Else the pair is reported unsettled, so that the
+          // receiver fences this rank, and the slot waits for those new grants.
+          const bool settled = (status.ok() && status->target_settled) ||
+                               write.grant_epoch < peer.grant_epoch;
           if (settled) staging.busy[it->first] = false;
+          job.unsettled |= !settled;
           if (job.error.ok()) {
             job.error = status.ok() ? status->error : status.status();
             job.next = job.fragments.size();
@@ -1889,7 +1913,7 @@ void Transceiver::Impl::EndStagedJob(StagedJob& job) {
   }
   transfer::SliceOutcomeInfo outcome;
   outcome.status = job.error;
-  outcome.settled = true;
+  outcome.settled = !job.unsettled;
   outcome.bytes = job.bytes;
   outcome.writes = job.chunks;
   outcome.staged_chunks = job.chunks;
@@ -2044,7 +2068,10 @@ RequestStatus Transceiver::Impl::StatusOf(const ReceiverEntry& e) const {
 }
 
 void Transceiver::Impl::Publish() {
-  if (touched.empty()) return;
+  const std::pair<int64_t, int64_t> gauges{
+      static_cast<int64_t>(senders.size() + receivers.size()),
+      static_cast<int64_t>(cancelled_early.size())};
+  if (touched.empty() && gauges == published_gauges) return;
   std::vector<RequestStatus> statuses;
   for (uint64_t rid : touched) {
     if (auto s = senders.find(rid); s != senders.end()) {
@@ -2080,9 +2107,12 @@ void Transceiver::Impl::Publish() {
     }
   }
   touched.clear();
+  // After the erasures above, so a request collected final is no longer counted.
+  published_gauges = {static_cast<int64_t>(senders.size() + receivers.size()),
+                      static_cast<int64_t>(cancelled_early.size())};
   MutexLock lock(&mu);
-  // Entries come and go only with their request touched: the gauge is current.
-  metrics.sessions = static_cast<int64_t>(senders.size() + receivers.size());
+  metrics.sessions = published_gauges.first;
+  metrics.remembered_cancels = published_gauges.second;
   for (RequestStatus& status : statuses) {
     auto live_entry = live.find(status.unique_rid);
     if (live_entry == live.end()) continue;  // The engine never asked for it.

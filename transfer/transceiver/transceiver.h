@@ -235,11 +235,16 @@ struct TransceiverMetrics {
   int64_t staged_chunks = 0;    // staging mode: chunks delivered (sender) or scattered
   int64_t bad_messages = 0;     // undecodable, or contradicting what is known
   int64_t dropped_messages = 0; // for unknown requests or from unknown ranks
-  // A gauge, not a count: the requests this rank keeps books on now. Those in
-  // flight, request data waiting for the engine's task, and requests that ended
-  // before their task came (kept for cancel_memory). Final requests leave it
-  // whether or not the engine collected them; one that never leaves is a leak.
+  // Gauges, not counters: what the rank holds now (a soak run watches them for
+  // leaks). Requests the engine started and has not collected yet (live, or final
+  // and waiting for Check*TransferStatus).
+  int64_t live_requests = 0;
+  // Sender and receiver sessions held, including ones that request data alone
+  // opened and ended ones kept for cancel_memory; and cancels remembered for
+  // requests not seen yet. As of the rank thread's last pass: a request collected
+  // final is no longer among them.
   int64_t sessions = 0;
+  int64_t remembered_cancels = 0;
 };
 
 class Transceiver {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -89,7 +90,8 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
                                const transfer::Topology& topology,
                                TransportFactory create_transport = nullptr,
                                const TransceiverOptions::Staging* staging = nullptr,
-                               const transfer::ControlSecurity& security = {}) {
+                               const transfer::ControlSecurity& security = {},
+                               const std::function<void(TransceiverOptions*)>& adjust = nullptr) {
   auto rank = std::make_unique<Rank>();
   absl::StatusOr<transfer::RankPageTable> probe =
       transfer::BuildStandardPageTable(Model(), topology, kSlots, 0x10000);
@@ -122,6 +124,7 @@ std::unique_ptr<Rank> MakeRank(const std::string& instance, Role role,
   options.report_grace = absl::Milliseconds(500);
   if (staging != nullptr) options.staging = *staging;
   options.control_security = security;
+  if (adjust) adjust(&options);
   absl::StatusOr<std::unique_ptr<Transceiver>> t = Transceiver::Create(options, std::move(setup));
   EXPECT_OK(t.status());
   if (!t.ok()) return nullptr;
@@ -216,6 +219,108 @@ TEST_F(TransceiverTest, OneRequestMovesEveryByteAndItsAuxTokens) {
   EXPECT_EQ(sent.metrics.writes, 1);  // Four contiguous slots coalesce into one write.
   EXPECT_TRUE(SameSlots(*generation_, {10, 11, 12, 13}, *context_, {0, 1, 2, 3}));
   for (int64_t slot : {0, 9, 14, 63}) EXPECT_TRUE(Untouched(*generation_, slot)) << slot;
+}
+
+// The gauges a soak run watches for leaks: a request is live from the engine's call
+// until it is collected, and once collected no session of it is held on either side.
+TEST_F(TransceiverTest, GaugesCountARequestUntilItIsCollected) {
+  const uint64_t rid = 23;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1}});
+  generation_->manager.AddRequestFromTables(rid, std::nullopt, {{10, 11}});
+  GenerationRequest receive;
+  receive.unique_rid = rid;
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
+  EXPECT_EQ(generation_->transceiver->metrics().live_requests, 1);
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(rid, 8)));
+  EXPECT_EQ(context_->transceiver->metrics().live_requests, 1);
+  EXPECT_EQ(OneGen().state, SessionState::kFullyTransferred);
+  EXPECT_EQ(OneContext().state, SessionState::kFullyTransferred);
+  for (Rank* rank : {context_.get(), generation_.get()}) {
+    const TransceiverMetrics m = rank->transceiver->metrics();
+    EXPECT_EQ(m.live_requests, 0);
+    EXPECT_EQ(m.sessions, 0);
+    EXPECT_EQ(m.remembered_cancels, 0);
+  }
+
+  // A cancelled request is remembered (for receivers that ask later), and only so.
+  const uint64_t cancelled = 24;
+  context_->manager.AddRequestFromTables(cancelled, std::nullopt, {{2, 3}});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(Task(cancelled, 8)));
+  ASSERT_OK(context_->transceiver->CancelRequest(cancelled));
+  EXPECT_EQ(OneContext().state, SessionState::kCancelled);
+  const TransceiverMetrics m = context_->transceiver->metrics();
+  EXPECT_EQ(m.live_requests, 0);
+  EXPECT_EQ(m.sessions, 0);
+  EXPECT_EQ(m.remembered_cancels, 1);
+}
+
+// Found by `transceiver demo --soak` (issue 11): request data for a request the
+// context engine had already ended (cancelled, then asked for by the generation
+// side) opens a session no engine task claims; it is let go cancel_memory after it
+// ended, on a timer. Once enough other requests had ended, the rank thread rebuilt
+// its timer queue without that timer, and the session stayed for good: one leaked
+// session per such request.
+TEST(TransceiverTimersTest, AnUnclaimedSessionIsLetGoAfterTheTimersAreRebuilt) {
+  auto adjust = [](TransceiverOptions* options) {
+    options->cancel_memory = absl::Seconds(2);
+    options->request_data_ttl = absl::Minutes(10);  // the timer the rebuild kept
+  };
+  std::unique_ptr<Rank> context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+                                           nullptr, nullptr, {}, adjust);
+  std::unique_ptr<Rank> generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, nullptr, {}, adjust);
+  ASSERT_NE(context, nullptr);
+  ASSERT_NE(generation, nullptr);
+  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
+                                                     In(absl::Seconds(10))));
+  GenerationRequest receive;
+  receive.prompt_len = 4;
+  receive.context_instance = "prefill";
+  // The context engine cancels request 1 and collects it; then the generation side
+  // asks for it, and hears the cancel.
+  context->manager.AddRequestFromTables(1, std::nullopt, {{0}});
+  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 4)));
+  ASSERT_OK(context->transceiver->CancelRequest(1));
+  std::vector<RequestStatus> done = context->transceiver->CheckContextTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kCancelled);
+  generation->manager.AddRequestFromTables(1, std::nullopt, {{0}});
+  receive.unique_rid = 1;
+  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+  done = generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_NE(done[0].state, SessionState::kFullyTransferred);
+  // The gauge follows on the rank thread's pass (no notification: look every 10 ms).
+  auto wait_for_sessions = [&context](int64_t n, absl::Time deadline) {
+    while (context->transceiver->metrics().sessions != n && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return context->transceiver->metrics().sessions;
+  };
+  EXPECT_EQ(wait_for_sessions(1, In(absl::Seconds(1))), 1);  // the unclaimed one
+  // 640 requests end, leaving more than 1024 stale timers on the context rank
+  // (each its deadline and its request-data bound): the queue is rebuilt.
+  for (uint64_t round = 0; round < 10; ++round) {
+    for (int64_t i = 0; i < kSlots; ++i) {
+      const uint64_t rid = 1000 + round * kSlots + i;
+      context->manager.AddRequestFromTables(rid, std::nullopt, {{i}});
+      generation->manager.AddRequestFromTables(rid, std::nullopt, {{i}});
+      receive.unique_rid = rid;
+      ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
+      ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(rid, 4)));
+    }
+    const absl::Time round_deadline = In(absl::Seconds(60));
+    for (size_t gen = 0, ctx = 0; gen < kSlots || ctx < kSlots;) {
+      gen += generation->transceiver->CheckGenTransferStatus(0, In(absl::Milliseconds(10))).size();
+      ctx += context->transceiver->CheckContextTransferStatus(0, In(absl::Milliseconds(10))).size();
+      ASSERT_LT(absl::Now(), round_deadline) << "round=" << round << " gen=" << gen << " ctx=" << ctx;
+    }
+  }
+  // The unclaimed session goes cancel_memory after it ended, not request_data_ttl
+  // after it opened.
+  EXPECT_EQ(wait_for_sessions(0, In(absl::Seconds(20))), 0);
 }
 
 TEST_F(TransceiverTest, PrefixHitMovesOnlyWhatTheGenerationSideLacks) {
@@ -421,64 +526,144 @@ TEST(TransceiverContextFirstTest, ContextSideHandshakeIsEnoughForBoth) {
 
 // A sender whose writes fail without it knowing whether they landed (a lost
 // connection) reports unsettled; the receiver fences it before the request is final,
-// gives it fresh grants, and the next request works.
-TEST(TransceiverFenceTest, UnsettledFailureIsFencedThenTheNextRequestFlows) {
+// gives it fresh grants, and the next request works (its writes direct, or staged).
+// Loopback endpoints wrapped in a FaultInjectingTransport, left at `*faults`.
+TransportFactory Faulty(transport::FaultInjectingTransport** faults) {
+  return [faults](const transport::EndpointOptions& options)
+             -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
+    absl::StatusOr<std::unique_ptr<transport::Transport>> inner =
+        transport::CreateLoopbackTransport(options);
+    if (!inner.ok()) return inner.status();
+    auto wrapped = std::make_unique<transport::FaultInjectingTransport>(*std::move(inner));
+    *faults = wrapped.get();
+    return wrapped;
+  };
+}
+
+// A context rank over a FaultInjectingTransport and a generation rank, both with
+// `staging`, and request 1 (two writes: staged when staging is on) posted with its
+// completions held back.
+struct HeldRequest {
   transport::FaultInjectingTransport* faults = nullptr;
-  std::unique_ptr<Rank> context = MakeRank(
-      "prefill", Role::kContext, transfer::MakeTopology(1, {2}),
-      [&faults](const transport::EndpointOptions& options)
-          -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
-        absl::StatusOr<std::unique_ptr<transport::Transport>> inner =
-            transport::CreateLoopbackTransport(options);
-        if (!inner.ok()) return inner.status();
-        auto wrapped = std::make_unique<transport::FaultInjectingTransport>(*std::move(inner));
-        faults = wrapped.get();
-        return wrapped;
-      });
-  std::unique_ptr<Rank> generation =
-      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}));
-  ASSERT_NE(faults, nullptr);
-  ASSERT_OK(generation->transceiver->AddPeerInstance({context->transceiver->control_address()},
-                                                     In(absl::Seconds(10))));
-  context->manager.AddRequestFromTables(1, std::nullopt, {{0, 1}});
-  generation->manager.AddRequestFromTables(1, std::nullopt, {{2, 3}});
-  faults->DelayCompletions(absl::Hours(1));  // Its writes never report...
-  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
+  std::unique_ptr<Rank> context;
+  std::unique_ptr<Rank> generation;
+};
+
+void StartHeldRequest(const TransceiverOptions::Staging& staging, HeldRequest* held) {
+  held->context = MakeRank("prefill", Role::kContext, transfer::MakeTopology(1, {2}),
+                           Faulty(&held->faults), &staging);
+  held->generation =
+      MakeRank("decode", Role::kGeneration, transfer::MakeTopology(1, {2}), nullptr, &staging);
+  ASSERT_NE(held->faults, nullptr);
+  Rank& context = *held->context;
+  Rank& generation = *held->generation;
+  ASSERT_OK(generation.transceiver->AddPeerInstance({context.transceiver->control_address()},
+                                                    In(absl::Seconds(10))));
+  context.manager.AddRequestFromTables(1, std::nullopt, {{0, 2}});  // two writes
+  generation.manager.AddRequestFromTables(1, std::nullopt, {{1, 3}});
+  held->faults->DelayCompletions(absl::Hours(1));  // Its writes never report...
+  ASSERT_OK(context.transceiver->RespondAndSendAsync(Task(1, 8, 0, std::nullopt)));
   GenerationRequest receive;
   receive.unique_rid = 1;
   receive.prompt_len = 8;
   receive.context_instance = "prefill";
-  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
-  ASSERT_TRUE(absl::IsNotFound(generation->transceiver->GetStatus(99).status()));
-  // Posted (the sender says TRANSFERRING once its writes are queued) ...
+  ASSERT_OK(generation.transceiver->RequestAndReceiveAsync(receive));
+  ASSERT_TRUE(absl::IsNotFound(generation.transceiver->GetStatus(99).status()));
+  // ... once posted (the sender says TRANSFERRING once its writes are queued).
   const absl::Time give_up = In(absl::Seconds(20));
-  absl::StatusOr<RequestStatus> sending = context->transceiver->GetStatus(1);
+  absl::StatusOr<RequestStatus> sending = context.transceiver->GetStatus(1);
   while (sending.ok() && sending->state < SessionState::kTransferring && absl::Now() < give_up) {
-    context->transceiver->CheckContextTransferStatus(1, In(absl::Milliseconds(5)));
-    sending = context->transceiver->GetStatus(1);
+    context.transceiver->CheckContextTransferStatus(1, In(absl::Milliseconds(5)));
+    sending = context.transceiver->GetStatus(1);
   }
   ASSERT_OK(sending.status());
   ASSERT_EQ(sending->state, SessionState::kTransferring);
-  // ... until the connection is "lost": unsettled.
-  faults->DropAllPeers();
-  std::vector<RequestStatus> done =
-      generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
-  ASSERT_EQ(done.size(), 1u);
-  EXPECT_EQ(done[0].state, SessionState::kError) << done[0].error;
-  EXPECT_EQ(generation->transceiver->metrics().fences, 1) << done[0].error;
+}
 
-  // Fresh grants under a new epoch: the next request moves every byte.
-  faults->ClearFaults();
-  context->manager.AddRequestFromTables(2, std::nullopt, {{4, 5}});
-  generation->manager.AddRequestFromTables(2, std::nullopt, {{6, 7}});
-  Fill(*context, 2, {4, 5});
-  ASSERT_OK(context->transceiver->RespondAndSendAsync(Task(2, 8, 0, std::nullopt)));
+// Request 2 moves every byte.
+void ExpectTheNextRequestFlows(HeldRequest& held) {
+  Rank& context = *held.context;
+  Rank& generation = *held.generation;
+  context.manager.AddRequestFromTables(2, std::nullopt, {{4, 6}});
+  generation.manager.AddRequestFromTables(2, std::nullopt, {{8, 10}});
+  Fill(context, 2, {4, 6});
+  ASSERT_OK(context.transceiver->RespondAndSendAsync(Task(2, 8, 0, std::nullopt)));
+  GenerationRequest receive;
   receive.unique_rid = 2;
-  ASSERT_OK(generation->transceiver->RequestAndReceiveAsync(receive));
-  done = generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  receive.prompt_len = 8;
+  receive.context_instance = "prefill";
+  ASSERT_OK(generation.transceiver->RequestAndReceiveAsync(receive));
+  std::vector<RequestStatus> done =
+      generation.transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
   ASSERT_EQ(done.size(), 1u);
   EXPECT_EQ(done[0].state, SessionState::kFullyTransferred) << done[0].error;
-  EXPECT_TRUE(SameSlots(*generation, {6, 7}, *context, {4, 5}));
+  EXPECT_TRUE(SameSlots(generation, {8, 10}, context, {4, 6}));
+}
+
+void FenceThenTheNextRequestFlows(const TransceiverOptions::Staging& staging) {
+  HeldRequest held;
+  ASSERT_NO_FATAL_FAILURE(StartHeldRequest(staging, &held));
+  // The connection is "lost": unsettled.
+  held.faults->DropAllPeers();
+  std::vector<RequestStatus> done =
+      held.generation->transceiver->CheckGenTransferStatus(1, In(absl::Seconds(30)));
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].state, SessionState::kError) << done[0].error;
+  EXPECT_EQ(held.generation->transceiver->metrics().fences, 1) << done[0].error;
+  // Fresh grants under a new epoch: the next request moves every byte.
+  held.faults->ClearFaults();
+  ExpectTheNextRequestFlows(held);
+  EXPECT_EQ(held.context->transceiver->metrics().staged_chunks > 0, staging.threshold_bytes > 0);
+}
+
+TEST(TransceiverFenceTest, UnsettledFailureIsFencedThenTheNextRequestFlows) {
+  TransceiverOptions::Staging direct;
+  direct.threshold_bytes = 0;  // Every write goes to the pools.
+  FenceThenTheNextRequestFlows(direct);
+}
+
+// Found by `transceiver demo --soak` (issue 11): a staging slot whose write failed
+// unsettled stayed busy for good (no credit comes for a chunk never announced), and
+// the pair was reported settled, so the receiver never fenced the sender: once every
+// slot had been lost so, each staged pair to that receiver waited for a slot until
+// its deadline. Now the pair is reported unsettled (a late byte could still land in
+// the receiver's slot), the receiver fences, and the fresh grants free the slot:
+// nothing written under the old ones can land any more. One slot here, so one loss
+// is enough to wedge it.
+TEST(TransceiverFenceTest, AStagingSlotLostWithItsWriteComesBackAfterTheFence) {
+  TransceiverOptions::Staging staging;
+  staging.threshold_bytes = 1 << 20;  // Every pair stages.
+  staging.slots = 1;
+  FenceThenTheNextRequestFlows(staging);
+}
+
+// Found by `transceiver demo --soak` (issue 11): a generation rank that removes the
+// context instance and adds it again makes a new staging arena; a chunk announced
+// while the instance was gone is never credited, and the context rank kept that
+// slot busy for good (one slot here: every later staged pair timed out). The new
+// grants free it.
+TEST(TransceiverStagingTest, AReAddedReceiverOwesNoCreditsForItsOldArena) {
+  TransceiverOptions::Staging staging;
+  staging.threshold_bytes = 1 << 20;  // Every pair stages.
+  staging.slots = 1;
+  HeldRequest held;
+  ASSERT_NO_FATAL_FAILURE(StartHeldRequest(staging, &held));
+  // The generation rank forgets the context instance while request 1's chunk is in
+  // flight, so the chunk is announced to a rank that does not know the sender: no
+  // credit comes for it.
+  Transceiver& generation = *held.generation->transceiver;
+  ASSERT_OK(generation.RemovePeerInstance("prefill"));
+  EXPECT_EQ(generation.CheckGenTransferStatus(1, In(absl::Seconds(30))).size(), 1u);
+  held.faults->ClearFaults();
+  const absl::Time give_up = In(absl::Seconds(20));
+  while (generation.metrics().bad_messages == 0 && absl::Now() < give_up) {
+    held.context->transceiver->CheckContextTransferStatus(1, In(absl::Milliseconds(5)));
+  }
+  ASSERT_EQ(generation.metrics().bad_messages, 1);
+  // Added again: a new arena, new grants; request 2 gets the slot.
+  ASSERT_OK(generation.AddPeerInstance({held.context->transceiver->control_address()},
+                                       In(absl::Seconds(10))));
+  ExpectTheNextRequestFlows(held);
 }
 
 TEST_F(TransceiverTest, RemovedInstanceFailsItsRequestsAndCanComeBack) {
