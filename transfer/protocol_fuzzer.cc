@@ -72,7 +72,7 @@ void CheckError(const absl::Status& status) {
   // Every error names the kind, or "message" when the bytes do not show it.
   static constexpr absl::string_view kPrefixes[] = {
       "message", "RankInfoRequest", "RankInfoReply", "RequestData",
-      "SliceResult", "AuxTokens", "Cancel"};
+      "SliceResult", "AuxTokens", "Cancel", "StagedChunk", "StagingCredit"};
   for (absl::string_view prefix : kPrefixes) {
     if (absl::StartsWith(message, prefix)) return;
   }

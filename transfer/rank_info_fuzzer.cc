@@ -206,11 +206,21 @@ std::optional<Message> RandomPeer(std::mt19937_64& rng) {
   info.transport_address = "peer";
   info.page_table = *table;
   if (rng() % 2 == 0) return RankInfoRequest{std::move(info)};
-  RankInfoReply reply{std::move(info), rng(), {}};
+  RankInfoReply reply;
+  reply.sender = std::move(info);
+  reply.grant_epoch = rng();
   for (const Pool& pool : reply.sender.page_table.pools) {
     reply.grants.push_back(
         PoolGrant{pool.base_address, pool.slot_bytes * static_cast<uint64_t>(pool.num_slots),
                   rng()});
+  }
+  if (rng() % 2 == 0) {
+    // Slots that may or may not fit their region: the decoder must refuse the latter.
+    const uint64_t slot_bytes = 1 + rng() % 4096;
+    const uint32_t slots = 1 + static_cast<uint32_t>(rng() % 16);
+    reply.staging = StagingGrant{
+        PoolGrant{rng(), slot_bytes * slots - (rng() % 2 == 0 ? 0 : 1), rng()}, slot_bytes,
+        slots};
   }
   return reply;
 }
@@ -254,6 +264,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     Broken("decoded an instance over max_ranks");
   }
   if (t.pp_rank * t.tp_size + t.tp_rank != info->rank) Broken("rank is not its topology's");
+  if (const auto* reply = std::get_if<RankInfoReply>(&*decoded);
+      reply != nullptr && reply->staging.has_value()) {
+    const StagingGrant& staging = *reply->staging;
+    if (staging.slot_bytes == 0 || staging.slots == 0 ||
+        staging.slot_bytes > staging.region.length / staging.slots) {
+      Broken("decoded a staging grant whose slots do not fit its region");
+    }
+  }
 
   for (const kvx::transfer_internal::NamedTable& local : kvx::transfer_internal::LocalTables()) {
     CheckHandshake(local, *info);
