@@ -514,7 +514,9 @@ TEST(TransceiverFaultTest, AFailedWriteFailsOnlyItsRequest) {
     for (Instance* side : {pair.context.get(), pair.generation.get()}) {
       for (const std::vector<Instance::Record>& records : side->records()) {
         for (const Instance::Record& r : records) {
-          if (!r.error.ok()) EXPECT_THAT(r.error.message(), HasSubstr("injected fault"));
+          if (!r.error.ok()) {
+            EXPECT_THAT(r.error.message(), HasSubstr("injected fault"));
+          }
         }
       }
     }
