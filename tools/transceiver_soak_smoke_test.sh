@@ -10,9 +10,11 @@ tool="$1"
 # explains); harmless elsewhere.
 export TSAN_OPTIONS="${TSAN_OPTIONS:-}:ignore_noninstrumented_modules=1"
 batch=40
+status=0
 out="$("$tool" demo --soak --seconds=5 --soak_batch_requests=$batch --max_prompt=1024 \
-       --soak_request_timeout_s=2 --soak_report_interval_s=5 --run_timeout_s=240)"
+       --soak_request_timeout_s=2 --soak_report_interval_s=5 --run_timeout_s=240)" || status=$?
 echo "$out"
+[ "$status" -eq 0 ] || { echo "FAIL: the soak exited $status" >&2; exit 1; }
 grep -q "result: OK" <<<"$out" || { echo "FAIL: no 'result: OK'" >&2; exit 1; }
 python3 - "$(tail -n 1 <<<"$out")" "$batch" <<'PY'
 import json, sys
