@@ -430,6 +430,7 @@ absl::StatusOr<std::unique_ptr<Rank>> Rank::Create(const InstanceOptions& option
   t.report_grace = options.report_grace;
   t.cancel_memory = options.cancel_memory;
   t.request_data_ttl = options.request_data_ttl;
+  t.control_security = options.control_security;
   absl::StatusOr<std::unique_ptr<transceiver::Transceiver>> created =
       transceiver::Transceiver::Create(t, std::move(setup));
   if (!created.ok()) {
@@ -491,7 +492,12 @@ std::vector<std::string> Instance::control_addresses() const {
 
 absl::Status Instance::AddPeer(absl::Span<const std::string> addresses, absl::Time deadline) {
   for (const std::unique_ptr<Rank>& rank : ranks_) {
-    absl::Status added = rank->transceiver().AddPeerInstance(addresses, deadline);
+    // The generation side's peer is the context instance, which it names: with CURVE
+    // the handshake is sealed for that instance's key.
+    absl::Status added =
+        options_.role == Role::kGeneration
+            ? rank->transceiver().AddPeerInstance(options_.context_name, addresses, deadline)
+            : rank->transceiver().AddPeerInstance(addresses, deadline);
     if (!added.ok()) {
       return absl::Status(added.code(), absl::StrCat("rank ", rank->id(), " of ", options_.name,
                                                      ": ", added.message()));

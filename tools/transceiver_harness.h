@@ -54,6 +54,7 @@
 #include "cache_reuse/v2_adapter.h"
 #include "nlohmann/json.hpp"
 #include "sync/mutex.h"
+#include "transfer/control_security.h"
 #include "transfer/page_table.h"
 #include "transfer/protocol.h"
 #include "transfer/scenario.h"
@@ -317,6 +318,8 @@ struct InstanceOptions {
   bool check_free_slots = true;
   // The context instance's name, as the generation side's requests name it.
   std::string context_name = "prefill";
+  // The control plane's security (transfer/control_security.h); off by default.
+  transfer::ControlSecurity control_security;
 };
 
 // One rank: its KV memory, cache manager, adapter and Transceiver.
@@ -519,6 +522,10 @@ struct RunOptions {
   bool progress = false;  // print a progress line to stderr
   std::string context_name = "prefill";
   std::string generation_name = "decode";
+  // Non-empty: CurveZMQ on the control plane with each side's keys and allowlist
+  // from this directory (transfer/curve_key_files.h): NAME.secret and NAME.pub for
+  // both instance names.
+  std::string curve_keys;
 
   RunOptions() { context.tp = 2; }
 };

@@ -75,6 +75,10 @@ ABSL_FLAG(std::string, transport, "tcp",
 ABSL_FLAG(std::string, node, "127.0.0.1", "address the libfabric endpoints bind (not shm)");
 ABSL_FLAG(std::string, control_host, "127.0.0.1",
           "address the control plane (ZeroMQ) binds, port chosen by the kernel");
+ABSL_FLAG(std::string, curve_keys, "",
+          "CurveZMQ on the control plane: a directory with NAME.secret and NAME.pub of this "
+          "side (both sides for demo) and the .pub of every peer it accepts (kvx_keygen "
+          "makes them; transfer/CONTROL_PLANE.md). Empty: off");
 ABSL_FLAG(std::vector<std::string>, context_addresses, {},
           "generation: the context ranks' control addresses, in rank order, comma-separated");
 // The workload.
@@ -174,6 +178,7 @@ absl::StatusOr<RunOptions> OptionsFromFlags() {
   o.generation.layers_per_pp = *split;
   o.context_name = absl::GetFlag(FLAGS_context_name);
   o.generation_name = absl::GetFlag(FLAGS_generation_name);
+  o.curve_keys = absl::GetFlag(FLAGS_curve_keys);
   o.transport.kind = absl::GetFlag(FLAGS_transport);
   o.transport.node = absl::GetFlag(FLAGS_node);
   o.workload.requests = absl::GetFlag(FLAGS_requests);

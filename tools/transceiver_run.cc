@@ -20,6 +20,7 @@
 #include "absl/types/span.h"
 #include "nlohmann/json.hpp"
 #include "tools/transceiver_harness.h"
+#include "transfer/curve_key_files.h"
 #include "transfer/scenario.h"
 #include "transfer/transceiver/transceiver.h"
 
@@ -159,6 +160,18 @@ absl::StatusOr<InstanceOptions> SideOptions(const RunOptions& options, Role role
   side.concurrency = options.concurrency;
   side.request_timeout = options.request_timeout;
   side.check_free_slots = options.check_free_slots;
+  if (!options.curve_keys.empty()) {
+    absl::StatusOr<transfer::ControlSecurity> security =
+        transfer::LoadCurveSecurity(options.curve_keys, side.name);
+    if (!security.ok()) {
+      return absl::Status(
+          security.status().code(),
+          absl::StrCat("--curve_keys: ", security.status().message(),
+                       " (make the pairs with `bazel run //tools:kvx_keygen -- --out_dir=",
+                       options.curve_keys, " --name=", side.name, "`, once per instance)"));
+    }
+    side.control_security = *std::move(security);
+  }
   return side;
 }
 
