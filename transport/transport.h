@@ -48,7 +48,9 @@
 //      in this endpoint's memory any more, on every backend: p's grants are revoked and
 //      its connection is torn down. p may be added again later (a new id, new grants);
 //      p's first writes after the fence may still fail `Unavailable` until its provider
-//      has seen the connection close, then p connects afresh.
+//      has seen the connection close, then p connects afresh: a write that fails
+//      because its connection broke resets that connection at once (failing the
+//      other transfers in flight on it, `Unavailable`), so the next one reconnects.
 //   6. Deregistration. A region cannot be deregistered while a transfer that reads it
 //      is not final, or while a peer holds a grant on it (`FailedPrecondition`): the
 //      rule "remove every peer that may write a region before freeing it" is enforced,

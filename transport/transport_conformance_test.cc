@@ -379,16 +379,23 @@ TEST_P(TransportConformanceTest, FenceMidTransferStopsEveryLaterByte) {
   ASSERT_OK_AND_ASSIGN(RegionId fresh_region, target_->RegisterMemory(fresh.data(), fresh.size()));
   ASSERT_OK_AND_ASSIGN(RegionDescriptor fresh_grant, target_->GrantRemoteWrite(fresh_region, again));
   // Until the initiator's provider has seen the closed connection, a write may still
-  // go out on it and fail (semantics 5); then it connects afresh.
+  // go out on it and fail (semantics 5); then it connects afresh. A write that finds
+  // the connection broken resets it, so that takes a few probes, not a stream of
+  // failures (the soak once saw every write fail for minutes).
   const absl::Time give_up = DeadlineIn(absl::Seconds(30));
   absl::Status probed;
+  int failed_probes = 0;
   do {
     ASSERT_OK_AND_ASSIGN(TransferId probe,
                          initiator_->PostWrites(peer_, {{s, 0, fresh_grant, 0, 4096}}, give_up));
     probed = AwaitTransfer(*initiator_, probe, absl::InfiniteFuture());
-    if (!probed.ok()) ASSERT_THAT(probed, StatusIs(absl::StatusCode::kUnavailable));
+    if (!probed.ok()) {
+      ASSERT_THAT(probed, StatusIs(absl::StatusCode::kUnavailable));
+      ++failed_probes;
+    }
   } while (!probed.ok() && absl::Now() < give_up);
   ASSERT_OK(probed);
+  EXPECT_LE(failed_probes, 3);
   EXPECT_EQ(std::memcmp(fresh.data(), src.data(), 4096), 0);
   EXPECT_TRUE(SameBytes(Snapshot(dst), at_fence)) << "bytes landed after RemovePeer returned";
   // The fenced transfer no longer reads its source.

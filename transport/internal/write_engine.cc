@@ -656,6 +656,11 @@ void WriteEngine::HandleCompletions() {
                    " write=", write_index, ": ", c.status.message())));
     }
     Touch(*t);
+    if (!c.status.ok() && c.connection_lost && !run->removed) {
+      // Every write in flight on the dead connection fails with this one (their late
+      // completions find zombie slots); the next write connects afresh.
+      Reset(*run, absl::StrCat("the connection broke under transfer=", t->id));
+    }
   }
 }
 

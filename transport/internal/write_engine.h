@@ -99,6 +99,10 @@ struct PostedWrite {
 struct Completion {
   void* context = nullptr;
   absl::Status status;
+  // The backend saw the connection to the peer break (reset, closed by the peer):
+  // nothing more goes through it, so the engine resets the peer (ResetPeer) and the
+  // next write connects afresh.
+  bool connection_lost = false;
 };
 
 // Size of the scratch space at the start of every context handed to the backend

@@ -6,6 +6,7 @@
 
 #include <sys/uio.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <vector>
 
@@ -39,6 +40,28 @@ absl::StatusOr<bool> FabricEndpoint::PostWrite(const transport_internal::PostedW
   return FabricError(absl::StrCat("fi_writemsg length=", write.length), static_cast<int>(ret));
 }
 
+namespace {
+
+// Errors with which tcp (and rxm above it) reports a connection that is gone, in
+// err or prov_errno (libfabric 1.17: ENOTCONN with prov_errno EPIPE, or ECANCELED
+// with prov_errno ENOTCONN). rxm keeps such a connection until its event queue
+// reports a shutdown, which a peer's fi_av_remove does not always cause: every
+// later write to the peer would fail the same way.
+bool IsConnectionLost(int error) {
+  switch (error) {
+    case ENOTCONN:
+    case EPIPE:
+    case ECONNRESET:
+    case ECONNABORTED:
+    case ESHUTDOWN:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 void FabricEndpoint::Poll(std::vector<transport_internal::Completion>* completions) {
   fi_cq_entry entries[64];
   for (;;) {
@@ -60,7 +83,8 @@ void FabricEndpoint::Poll(std::vector<transport_internal::Completion>* completio
         absl::StrCat("completion error: prov_errno=", err.prov_errno, " provider_says=\"",
                      provider_text != nullptr ? provider_text : "", "\""),
         -err.err);
-    completions->push_back({err.op_context, std::move(status)});
+    completions->push_back({err.op_context, std::move(status),
+                            IsConnectionLost(err.err) || IsConnectionLost(err.prov_errno)});
   }
 }
 
