@@ -205,11 +205,13 @@ struct TransferStatus {
   absl::Status error;
   // kQuiesced only. True when nothing of the transfer can land at the target any
   // more: every write it posted ended and a delivery-complete write behind them
-  // completed, or it posted nothing. False when the transport gave up waiting and
-  // reset the connection, or the peer was removed: a target that is still alive may
-  // then yet receive bytes the provider had handed to the network, until it fences
-  // this endpoint (RemovePeer). A receiver must not reuse the pages of an unsettled
-  // transfer before it has fenced the sender.
+  // completed, or it posted nothing, or its connection broke under it (the target
+  // closed it: its fence, or it died; nothing sent on it lands any more, and a
+  // failed transfer never continues on another connection). False when the
+  // transport gave up waiting and reset the connection, or the peer was removed: a
+  // target that is still alive may then yet receive bytes the provider had handed
+  // to the network, until it fences this endpoint (RemovePeer). A receiver must not
+  // reuse the pages of an unsettled transfer before it has fenced the sender.
   bool target_settled = false;
 
   bool final() const {

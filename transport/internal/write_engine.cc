@@ -97,6 +97,9 @@ struct WriteEngine::Transfer {
   absl::Time failed_at;
   bool piece_error = false;  // A piece completed with an error: delivery unknown.
   bool reset = false;        // Abandoned by a reset or a removed peer.
+  // Its connection broke under it: the target closed it (its fence, or it died), so
+  // nothing sent on it can land any more, and nothing of it was sent on another.
+  bool connection_died = false;
   enum class Flush { kNone, kWanted, kInFlight, kOk, kFailed } flush = Flush::kNone;
 
   bool fully_posted() const { return next_write == writes.size(); }
@@ -647,7 +650,7 @@ void WriteEngine::HandleCompletions() {
         }
       }
     } else {
-      t->piece_error = true;
+      t->piece_error = !c.connection_lost;
       run->accepted_any = false;  // Until it takes a write again (see FireTimers).
       // Semantics 8: the target refused or dropped it; a network target cannot say
       // which, so every backend reports Unavailable.
@@ -659,7 +662,8 @@ void WriteEngine::HandleCompletions() {
     if (!c.status.ok() && c.connection_lost && !run->removed) {
       // Every write in flight on the dead connection fails with this one (their late
       // completions find zombie slots); the next write connects afresh.
-      Reset(*run, absl::StrCat("the connection broke under transfer=", t->id));
+      Reset(*run, absl::StrCat("the connection broke under transfer=", t->id),
+            /*connection_died=*/true);
     }
   }
 }
@@ -846,7 +850,9 @@ void WriteEngine::Settle(Transfer& t) {
     if (t.in_flight > 0) return;  // FireTimers resets the peer if this takes too long.
     final_status.state = TransferState::kQuiesced;
     final_status.error = t.error;
-    if (t.reset || t.piece_error) {
+    if (t.connection_died) {
+      final_status.target_settled = true;
+    } else if (t.reset || t.piece_error) {
       final_status.target_settled = false;
     } else if (t.pieces_posted == 0 || t.pieces_done == t.pieces_total) {
       final_status.target_settled = true;  // Nothing posted, or delivered whole.
@@ -882,10 +888,11 @@ void WriteEngine::Settle(Transfer& t) {
   }
 }
 
-void WriteEngine::Reset(PeerRun& run, absl::string_view why) {
+void WriteEngine::Reset(PeerRun& run, absl::string_view why, bool connection_died) {
   absl::StatusOr<uint64_t> handle = ResetPeer(run.backend);
   if (handle.ok()) run.backend.handle = *handle;
   for (Transfer* t : run.active) {
+    t->connection_died = connection_died;
     if (!t->failed) {
       Fail(*t, absl::UnavailableError(absl::StrCat("connection to the peer was reset: peer=",
                                                    run.backend.name, " transfer=", t->id,

@@ -23,7 +23,10 @@
 //   5. A failed transfer whose posted pieces all completed is settled by one more
 //      delivery-complete write behind them (a flush: its first byte, rewritten from
 //      the unchanged source); if its pieces or the flush do not end within
-//      `quiesce_timeout`, the peer's connection is reset.
+//      `quiesce_timeout`, the peer's connection is reset (unsettled). A piece that
+//      fails because its connection broke (the backend says so: the target closed
+//      it) resets the connection at once, and the transfers on it are settled:
+//      nothing sent on a closed connection lands any more.
 //   6. A slot (the context handed to the backend) returns to the free list only when
 //      the backend completes it. Slots of pieces abandoned by a reset or a removed
 //      peer stay allocated ("zombies") until then, so a late completion never lands
@@ -211,7 +214,10 @@ class WriteEngine : public transport::Transport {
   void Fail(Transfer& t, absl::Status error);
   void Touch(Transfer& t);
   void Settle(Transfer& t);
-  void Reset(PeerRun& run, absl::string_view why);
+  // Cuts the connection to `run`'s peer (the next write connects afresh) and fails
+  // every transfer to it. `connection_died`: it had broken already, so they are
+  // settled; else they are not (invariant 5).
+  void Reset(PeerRun& run, absl::string_view why, bool connection_died = false);
   void Abandon(PeerRun& run);
   void Publish();
   // Hands `write` of `t` to the backend in a fresh slot. kPosted counts it in flight;
