@@ -16,6 +16,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -268,7 +269,13 @@ class Engine {
       }
       if (context_ && !f.cancel_sent && f.next_chunk < plan.chunks.size()) {
         absl::Status sent = SendNextChunk(f);
-        if (!sent.ok()) Record(plan).problem = absl::StrCat("next slice refused: ", sent.ToString());
+        if (absl::IsFailedPrecondition(sent) &&
+            absl::StartsWith(sent.message(), "request already ended")) {
+          // The request ended (its final status waits here): nothing more to send.
+          f.next_chunk = plan.chunks.size();
+        } else if (!sent.ok()) {
+          Record(plan).problem = absl::StrCat("next slice refused: ", sent.ToString());
+        }
         busy |= f.next_chunk < plan.chunks.size();
       }
     }

@@ -538,6 +538,15 @@ absl::Status Transceiver::RespondAndSendAsync(const ContextRequest& request) {
   command.created = now;
   {
     MutexLock lock(&impl_->mu);
+    // A later slice of a request that ended: its final status waits for the engine.
+    // Taken, it would open a second session for the request and a second final
+    // status that an engine done with the request never collects.
+    for (const RequestStatus& ended : impl_->done_context) {
+      if (ended.unique_rid != request.unique_rid) continue;
+      return absl::FailedPreconditionError(absl::StrCat(
+          "request already ended: request=", request.unique_rid, " slice=", request.slice_id,
+          " state=", transfer::SessionStateName(ended.state)));
+    }
     if (impl_->live.count(request.unique_rid) == 0 &&
         impl_->live.size() >= impl_->options.max_requests) {
       return absl::ResourceExhaustedError(absl::StrCat(

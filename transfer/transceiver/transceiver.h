@@ -293,9 +293,10 @@ class Transceiver {
 
   // Context side: sends one slice of a request. Builds the slice through the cache
   // manager here, on the caller's thread. Errors: FailedPrecondition on a
-  // generation rank; InvalidArgument for a malformed request; the slice builder's
-  // errors (a block the transfer needs is gone); ResourceExhausted past
-  // max_requests. Later failures end the request in kError.
+  // generation rank, or for a slice of a request whose final status is waiting to
+  // be collected (it ended: send no more of it); InvalidArgument for a malformed
+  // request; the slice builder's errors (a block the transfer needs is gone);
+  // ResourceExhausted past max_requests. Later failures end the request in kError.
   ABSL_MUST_USE_RESULT absl::Status RespondAndSendAsync(const ContextRequest& request);
 
   // Generation side: asks for a request's KV cache and receives it. Builds the

@@ -433,6 +433,28 @@ TEST_F(TransceiverTest, ContextCancelBeforeTheGenerationSideAsksEndsItPromptly) 
   }
 }
 
+// Found by the soak (issue 11): a chunked request failed while its next slice was
+// being sent; that slice opened a second session whose final status came after the
+// engine was done with the request and was never collected (live_requests stayed
+// 1). A slice of a request whose final status waits to be collected is refused.
+TEST_F(TransceiverTest, ASliceOfARequestThatEndedIsRefused) {
+  const uint64_t rid = 25;
+  context_->manager.AddRequestFromTables(rid, std::nullopt, {{0, 1, 2, 3}});
+  ASSERT_OK(context_->transceiver->RespondAndSendAsync(
+      Task(rid, 16, 0, transfer::TokenRange::Create(0, 8).value())));
+  ASSERT_OK(context_->transceiver->CancelRequest(rid));
+  // Final once it left the requests in flight (GetStatus: NotFound), not collected.
+  const absl::Time deadline = In(absl::Seconds(30));
+  while (context_->transceiver->GetStatus(rid).ok() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_THAT(context_->transceiver->RespondAndSendAsync(
+                  Task(rid, 16, 1, transfer::TokenRange::Create(8, 16).value())),
+              StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("already ended")));
+  EXPECT_EQ(OneContext().state, SessionState::kCancelled);
+  EXPECT_EQ(context_->transceiver->metrics().live_requests, 0);
+}
+
 // The sessions gauge counts what a rank keeps books on, request data that waits for
 // the engine's task included (no status shows it), and drops to zero once the
 // request ended on both sides.
