@@ -892,7 +892,9 @@ void WriteEngine::Reset(PeerRun& run, absl::string_view why, bool connection_die
   absl::StatusOr<uint64_t> handle = ResetPeer(run.backend);
   if (handle.ok()) run.backend.handle = *handle;
   for (Transfer* t : run.active) {
-    t->connection_died = connection_died;
+    // One abandoned by an earlier reset sent on a connection this side closed: the
+    // target may still be reading it, so it stays unsettled.
+    t->connection_died = connection_died && !t->reset;
     if (!t->failed) {
       Fail(*t, absl::UnavailableError(absl::StrCat("connection to the peer was reset: peer=",
                                                    run.backend.name, " transfer=", t->id,
