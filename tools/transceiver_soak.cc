@@ -368,14 +368,25 @@ int64_t SoakSide::Inject(const SoakBatch& batch, Progress& progress, absl::Time 
     return 1;
   }
   transport::FaultInjectingTransport& faulty = *faulty_[batch.fault_rank];
+  const CountingTransport& counting = *counting_[batch.fault_rank];
+  auto hits = [&counting] {
+    const CountingTransport::Counts c = counting.counts();
+    return c.delayed + c.dropped;
+  };
+  const int64_t hits_before = hits();
   if (batch.fault == FaultKind::kDelay) {
     // Past any deadline of a transfer posted now.
     faulty.DelayCompletions(2 * options_.request_timeout + absl::Seconds(1));
   } else {
     faulty.DropAllPeers();
   }
+  // Open for fault_window more requests per rank, and longer while no transfer of
+  // the faulty rank met the fault yet (a slow machine): else it tested nothing.
   const int64_t ranks = static_cast<int64_t>(instance_->num_ranks());
-  progress.WaitForDone(start + soak_.fault_window * ranks, deadline);
+  int64_t until = start + soak_.fault_window * ranks;
+  while (progress.WaitForDone(until, deadline) && hits() == hits_before && until < total) {
+    ++until;
+  }
   faulty.ClearFaults();
   return 1;
 }

@@ -183,10 +183,16 @@ struct SoakSample {
 nlohmann::json ToJson(const SoakSample& sample);
 ABSL_MUST_USE_RESULT absl::StatusOr<SoakSample> SoakSampleFromJson(const nlohmann::json& json);
 
+// The RSS growth allowed: soak.rss_slack_kb, plus AddressSanitizer's quarantine
+// (256 MiB) in a build with it, where freed memory stays resident until the
+// quarantine is full (LeakSanitizer looks for leaks there instead).
+int64_t RssAllowanceKb(const SoakOptions& soak);
+
 // What grew too much from `warmup` to `end` (the drained sample after the last
 // batch), one line per resource naming it and the numbers; empty when nothing did.
-// RSS, file descriptors and threads may grow by their slack; regions and peers not
-// at all; transfers, sessions, live requests and remembered cancels must be zero.
+// RSS may grow by RssAllowanceKb, file descriptors and threads by their slack;
+// regions and peers not at all; transfers, sessions, live requests and remembered
+// cancels must be zero.
 std::vector<std::string> CheckSoakResources(const std::string& side, const SoakSample& warmup,
                                             const SoakSample& end, const SoakOptions& soak);
 

@@ -323,6 +323,9 @@ struct Transceiver::Impl {
   void PumpStaging(PeerRank& peer);
   void PollStaging();
   void EndStagedJob(StagedJob& job);
+  // Ends each of `jobs` still owned by its sender. Ending one runs its session,
+  // which may end (and free) others of the list first: they are found again by key.
+  void EndStagedJobs(const std::vector<StagedJob*>& jobs);
   void RetireArenas();
   absl::StatusOr<std::unique_ptr<Arena>> MakeArena(uint64_t slot_bytes, uint32_t slots);
   kernels::Launch LaunchFor(const Arena& arena, uint32_t slot) const;
@@ -1122,7 +1125,7 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
       instances.erase(empty);
     }
     Log(refusal.ToString());
-    if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
+    if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}, std::nullopt});
     FinishHandshake(info.control_address, refusal);
     FinishHandshake(from, refusal);
     return;
@@ -1139,7 +1142,7 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
     return;
   }
   // Context side.
-  if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}});
+  if (is_request) Send(info.control_address, transfer::RankInfoReply{self, 0, {}, std::nullopt});
   if (reply != nullptr && (!reply->grants.empty() || reply->staging.has_value())) {
     if (rank->has_grants && reply->grant_epoch <= rank->grant_epoch) {
       // What this rank holds is as new (a repeated handshake) or newer.
@@ -1431,7 +1434,7 @@ void Transceiver::Impl::RunSender(SenderEntry& e, std::vector<SessionAction> act
           }
         }
       }
-      for (StagedJob* job : idle) EndStagedJob(*job);
+      EndStagedJobs(idle);
     }
   }
 }
@@ -1694,7 +1697,7 @@ void Transceiver::Impl::DropInstance(const std::string& instance_name, const abs
     }
     if (peer.arena != nullptr) retired.push_back(std::move(peer.arena));
   }
-  for (StagedJob* job : abandoned) EndStagedJob(*job);
+  EndStagedJobs(abandoned);
   for (auto& [rid, entry] : receivers) {
     if (entry->instance != instance_name) continue;
     std::vector<SessionAction> actions;
@@ -1903,7 +1906,25 @@ void Transceiver::Impl::PollStaging() {
       PumpStaging(peer);
     }
   }
-  for (StagedJob* job : ended) EndStagedJob(*job);
+  EndStagedJobs(ended);
+}
+
+void Transceiver::Impl::EndStagedJobs(const std::vector<StagedJob*>& jobs) {
+  struct Key {
+    uint64_t rid;
+    std::pair<int64_t, int64_t> pair;  // (slice, receiver)
+    const StagedJob* job;
+  };
+  std::vector<Key> keys;
+  keys.reserve(jobs.size());
+  for (const StagedJob* job : jobs) keys.push_back({job->rid, {job->slice_id, job->receiver}, job});
+  for (const Key& key : keys) {
+    auto entry = senders.find(key.rid);
+    if (entry == senders.end()) continue;
+    auto owned = entry->second->staged.find(key.pair);
+    if (owned == entry->second->staged.end() || owned->second.get() != key.job) continue;
+    EndStagedJob(*owned->second);
+  }
 }
 
 void Transceiver::Impl::EndStagedJob(StagedJob& job) {
