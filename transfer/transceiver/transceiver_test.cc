@@ -468,9 +468,12 @@ TEST_F(TransceiverTest, SessionsGaugeCountsRequestDataWaitingForItsTask) {
   receive.prompt_len = 16;
   receive.context_instance = "prefill";
   ASSERT_OK(generation_->transceiver->RequestAndReceiveAsync(receive));
-  // A gauge cannot be awaited: poll it.
+  // A gauge cannot be awaited: poll both (each rank publishes its own at the end of
+  // its thread's pass: the context rank may count the request data first).
   const absl::Time give_up = In(absl::Seconds(10));
-  while (context_->transceiver->metrics().sessions < 1 && absl::Now() < give_up) {
+  while ((context_->transceiver->metrics().sessions < 1 ||
+          generation_->transceiver->metrics().sessions < 1) &&
+         absl::Now() < give_up) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   EXPECT_EQ(context_->transceiver->metrics().sessions, 1);
