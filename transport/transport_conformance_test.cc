@@ -509,7 +509,12 @@ TEST_P(TransportConformanceTest, CancelMidTransferFailsAtOnceAndSettles) {
                              absl::StatusCode::kAborted, dst, s);
     return;
   }
-  FAIL() << "all " << kAttempts << " transfers of " << n << " bytes finished before their cancel";
+  // A backend that moves a whole window in one step of its owner thread (loopback
+  // copies it) can finish before this thread sees the first byte, every time on a
+  // busy machine: nothing was wrong, nothing was tested. The small-window variant
+  // of each backend catches the transfer in progress.
+  GTEST_SKIP() << "all " << kAttempts << " transfers of " << n
+               << " bytes finished before the test saw their first byte";
 }
 
 // Semantics 7: a stopped target (its owner thread paused, as in a stopped process)
