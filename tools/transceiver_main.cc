@@ -502,7 +502,7 @@ int main(int argc, char** argv) {
       "  bazel run //tools:transceiver -- demo\n"
       "  bazel run //tools:transceiver -- demo --transport=loopback --context_tp=4 "
       "--generation_tp=2 --requests=500\n"
-      "  bazel run //tools:transceiver -- context --node=10.0.0.1 --control_host=10.0.0.1  "
+      "  bazel run //tools:transceiver -- context --node=HOST_A --control_host=HOST_A  "
       "(then on the other machine: generation --context_addresses=...)");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   const std::string command = positional.size() >= 2 ? positional[1] : "";
