@@ -41,6 +41,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "transport/internal/random.h"
 #include "transport/internal/sanitizers.h"
 #include "transport/libfabric/libfabric_transport.h"
 #include "transport/loopback/loopback_transport.h"
@@ -190,8 +191,14 @@ struct RawEndpoint {
     if (shm && !absl::GetFlag(FLAGS_baseline_unchecked_shm)) {
       hints->tx_attr->msg_order = FI_ORDER_RAW | FI_ORDER_WAW;  // as kvx asks
     }
-    int ret = fi_getinfo(FI_VERSION(1, 17), shm ? nullptr : "127.0.0.1", nullptr,
-                         shm ? 0 : FI_SOURCE, hints, &info);
+    // shm names an unnamed endpoint after the pid, so two of these in different PID
+    // namespaces (two Bazel tests at once) would collide in /dev/shm; the transport
+    // gives its own a random name for the same reason.
+    const std::string node =
+        shm ? absl::StrCat("kvx-bench-", absl::Hex(transport_internal::RandomKey(),
+                                                   absl::kZeroPad16))
+            : "127.0.0.1";
+    int ret = fi_getinfo(FI_VERSION(1, 17), node.c_str(), nullptr, FI_SOURCE, hints, &info);
     fi_freeinfo(hints);
     if (absl::Status s = Check("fi_getinfo", ret); !s.ok()) return s;
     if (auto s = Check("fi_fabric", fi_fabric(info->fabric_attr, &fabric, nullptr)); !s.ok()) return s;
