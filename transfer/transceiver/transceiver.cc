@@ -1133,11 +1133,14 @@ void Transceiver::Impl::HandleRankInfo(const std::string& from, const RankInfo& 
   if (self.role == Role::kGeneration) {
     // Grants go with every answer to a context rank (first epoch 1).
     if (fresh || rank->given_epoch == 0) rank->given_epoch = ++last_epoch;
+    // Ready before the reply leaves: a context rank's AddPeerInstance returns on the
+    // reply, and an engine may then start a receive here at once. (Its request data
+    // still goes out after the reply: commands run on this thread.)
+    MarkReady(info.instance, info.rank);
     if (fresh || is_request) {
       Send(info.control_address, transfer::RankInfoReply{self, rank->given_epoch,
                                                          GrantAll(*rank), OfferStaging(*rank)});
     }
-    MarkReady(info.instance, info.rank);
     FinishHandshake(info.control_address, absl::OkStatus());
     return;
   }
