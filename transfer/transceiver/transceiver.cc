@@ -155,8 +155,13 @@ struct Transceiver::Impl {
   std::map<std::string, std::set<int64_t>> ready_ranks ABSL_GUARDED_BY(mu);
   std::map<std::string, int64_t> instance_sizes ABSL_GUARDED_BY(mu);
   std::map<uint64_t, RequestStatus> live ABSL_GUARDED_BY(mu);
-  std::deque<RequestStatus> done_context ABSL_GUARDED_BY(mu);
-  std::deque<RequestStatus> done_generation ABSL_GUARDED_BY(mu);
+  // Final statuses the engine has not collected yet, and their states by request.
+  struct Uncollected {
+    std::deque<RequestStatus> statuses;
+    absl::flat_hash_map<uint64_t, SessionState> states;
+  };
+  Uncollected done_context ABSL_GUARDED_BY(mu);
+  Uncollected done_generation ABSL_GUARDED_BY(mu);
   TransceiverMetrics metrics ABSL_GUARDED_BY(mu);
 
   // --- The rank's thread only.
@@ -544,11 +549,11 @@ absl::Status Transceiver::RespondAndSendAsync(const ContextRequest& request) {
     // A later slice of a request that ended: its final status waits for the engine.
     // Taken, it would open a second session for the request and a second final
     // status that an engine done with the request never collects.
-    for (const RequestStatus& ended : impl_->done_context) {
-      if (ended.unique_rid != request.unique_rid) continue;
+    if (auto ended = impl_->done_context.states.find(request.unique_rid);
+        ended != impl_->done_context.states.end()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "request already ended: request=", request.unique_rid, " slice=", request.slice_id,
-          " state=", transfer::SessionStateName(ended.state)));
+          " state=", transfer::SessionStateName(ended->second)));
     }
     if (impl_->live.count(request.unique_rid) == 0 &&
         impl_->live.size() >= impl_->options.max_requests) {
@@ -664,14 +669,15 @@ absl::Status Transceiver::RequestAndReceiveAsync(const GenerationRequest& reques
 namespace {
 
 std::vector<RequestStatus> Collect(sync::Mutex* mu, sync::CondVar* changed,
-                                   std::deque<RequestStatus>* done, size_t at_least,
+                                   Transceiver::Impl::Uncollected* done, size_t at_least,
                                    absl::Time deadline) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   MutexLock lock(mu);
-  while (done->size() < at_least && !changed->WaitUntil(&lock, deadline)) {
+  while (done->statuses.size() < at_least && !changed->WaitUntil(&lock, deadline)) {
   }
-  std::vector<RequestStatus> out(std::make_move_iterator(done->begin()),
-                                 std::make_move_iterator(done->end()));
-  done->clear();
+  std::vector<RequestStatus> out(std::make_move_iterator(done->statuses.begin()),
+                                 std::make_move_iterator(done->statuses.end()));
+  done->statuses.clear();
+  done->states.clear();
   return out;
 }
 
@@ -723,7 +729,8 @@ TransceiverMetrics Transceiver::metrics() const {
   MutexLock lock(&impl_->mu);
   TransceiverMetrics metrics = impl_->metrics;
   metrics.live_requests = static_cast<int64_t>(
-      impl_->live.size() + impl_->done_context.size() + impl_->done_generation.size());
+      impl_->live.size() + impl_->done_context.statuses.size() +
+      impl_->done_generation.statuses.size());
   return metrics;
 }
 
@@ -2163,7 +2170,9 @@ void Transceiver::Impl::Publish() {
     }
     metrics.bytes += status.metrics.bytes;
     metrics.writes += status.metrics.writes;
-    (status.role == Role::kContext ? done_context : done_generation).push_back(std::move(status));
+    Uncollected& done = status.role == Role::kContext ? done_context : done_generation;
+    done.states[status.unique_rid] = status.state;
+    done.statuses.push_back(std::move(status));
   }
   changed.SignalAll();
 }
