@@ -19,6 +19,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/transceiver_harness.h"
 #include "tools/transceiver_soak.h"
+#include "transport/internal/sanitizers.h"
 
 namespace kvx::harness {
 
@@ -103,19 +104,10 @@ SoakBatch PlanSoakBatch(const RunOptions& options, const SoakOptions& soak, int6
 // AddressSanitizer keeps freed memory in its quarantine (256 MiB by default), so RSS
 // grows with every allocation until the quarantine is full: under it RSS may grow by
 // that much more (its LeakSanitizer looks for leaks instead).
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int64_t kQuarantineKb = 256 << 10;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr int64_t kQuarantineKb = 256 << 10;
-#else
-constexpr int64_t kQuarantineKb = 0;
-#endif
-#else
-constexpr int64_t kQuarantineKb = 0;
-#endif
-
-int64_t RssAllowanceKb(const SoakOptions& soak) { return soak.rss_slack_kb + kQuarantineKb; }
+int64_t RssAllowanceKb(const SoakOptions& soak) {
+  constexpr int64_t kQuarantineKb = transport_internal::kAddressSanitizer ? (256 << 10) : 0;
+  return soak.rss_slack_kb + kQuarantineKb;
+}
 
 std::vector<std::string> CheckSoakResources(const std::string& side, const SoakSample& warmup,
                                             const SoakSample& end, const SoakOptions& soak) {

@@ -1,9 +1,9 @@
-// Do not include directly. Internal to //transport and its backends.
-// IWYU pragma: private
+// For //transport, its backends and the tools' soak (//transport:sanitizers).
 //
 // Which sanitizer this translation unit is built with (gcc defines __SANITIZE_*__,
 // clang answers __has_feature). Tests scale their sizes down under sanitizers and
-// skip what an uninstrumented system library cannot survive there.
+// skip what an uninstrumented system library cannot survive there; the soak allows
+// for AddressSanitizer's quarantine.
 
 #ifndef KVX_TRANSPORT_INTERNAL_SANITIZERS_H_
 #define KVX_TRANSPORT_INTERNAL_SANITIZERS_H_
